@@ -1,0 +1,8 @@
+export * from './bits.ts'
+export * from './cpu-state.ts'
+export * from './errors.ts'
+export * from './phys-mem.ts'
+export * from './walk-result.ts'
+export * from './walk.ts'
+export { DEBUG } from './debug.ts'
+export * from './page-table-builder.ts'

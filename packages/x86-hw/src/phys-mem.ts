@@ -1,0 +1,286 @@
+import { HwConfigError, MmusimError, PoisonedFrameError } from './errors.ts'
+
+/** Bytes per frame. */
+export const PAGE_SIZE = 4096
+const WORDS_PER_FRAME = 1024
+/** Frames per backing chunk (64 MiB); backing grows chunk by chunk, on first store. */
+const CHUNK_SHIFT = 14
+const CHUNK_FRAMES = 1 << CHUNK_SHIFT
+const SLOT_POISONED = -1
+/** Value read from an address beyond installed memory: an aborted bus read returns all ones. */
+export const OPEN_BUS = 0xffffffff
+
+/** Options of a {@link PhysMem}. */
+export interface PhysMemOptions {
+  /** Installed memory in bytes (a multiple of 4096). Addresses at or above it read as all ones and ignore writes. */
+  sizeBytes: number
+  /** A name used in messages (e.g. `host`, `guest`). @default 'phys' */
+  name?: string
+}
+
+/**
+ * Physical memory: 4 KiB frames, backed lazily. A frame gets storage only when something stores a
+ * non-zero word into it, so a 64 GiB guest touched sparsely fits in a few GiB. Unbacked frames read
+ * as zero. A freed frame can be poisoned: any later read or write throws {@link PoisonedFrameError},
+ * which is how use-after-free of page tables is caught at once.
+ *
+ * Words are little-endian 32-bit; a 64-bit entry at `pa` is (read32(pa), read32(pa + 4)).
+ */
+export class PhysMem {
+  readonly name: string
+  readonly sizeBytes: number
+  readonly frameCount: number
+  /** frame → backing slot + 1; 0 = unbacked (reads zero); -1 = poisoned. */
+  private readonly slotOf: Int32Array
+  private readonly chunks: Uint32Array[] = []
+  private readonly freeSlots: number[] = []
+  private nextSlot = 0
+  /** Frames that currently have storage. */
+  backedFrames = 0
+
+  constructor(options: PhysMemOptions) {
+    const { sizeBytes } = options
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % PAGE_SIZE !== 0) {
+      throw new HwConfigError(`PhysMem sizeBytes must be a positive multiple of 4096, got ${String(sizeBytes)}`)
+    }
+    const frames = sizeBytes / PAGE_SIZE
+    if (frames > 0x40000000) {
+      throw new HwConfigError(`PhysMem of ${String(sizeBytes)} bytes is larger than the 4 TiB this model supports`)
+    }
+    this.name = options.name ?? 'phys'
+    this.sizeBytes = sizeBytes
+    this.frameCount = frames
+    this.slotOf = new Int32Array(frames)
+  }
+
+  /** Read the 32-bit word at `pa` (4-byte aligned). */
+  read32(pa: number): number {
+    const frame = Math.floor(pa / PAGE_SIZE)
+    if (frame >= this.frameCount) return OPEN_BUS
+    const s = this.slotOf[frame]!
+    if (s <= 0) {
+      if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'read', pa)
+      return 0
+    }
+    const slot = s - 1
+    return this.chunks[slot >>> CHUNK_SHIFT]![((slot & (CHUNK_FRAMES - 1)) << 10) | ((pa & 0xfff) >>> 2)]!
+  }
+
+  /** Write the 32-bit word at `pa` (4-byte aligned). */
+  write32(pa: number, value: number): void {
+    const frame = Math.floor(pa / PAGE_SIZE)
+    if (frame >= this.frameCount) return
+    let s = this.slotOf[frame]!
+    if (s <= 0) {
+      if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'write', pa)
+      if (value === 0) return // unbacked frames read zero already
+      s = this.back(frame)
+    }
+    const slot = s - 1
+    this.chunks[slot >>> CHUNK_SHIFT]![((slot & (CHUNK_FRAMES - 1)) << 10) | ((pa & 0xfff) >>> 2)] = value
+  }
+
+  /** Write a 64-bit entry as two halves. */
+  write64(pa: number, lo: number, hi: number): void {
+    this.write32(pa, lo)
+    this.write32(pa + 4, hi)
+  }
+
+  /**
+   * Compare-and-exchange of a 64-bit entry (a locked CMPXCHG8B / the processor's locked A/D update).
+   * Returns true and stores the new value if the entry still equals (oldLo, oldHi).
+   */
+  cmpxchg64(pa: number, oldLo: number, oldHi: number, newLo: number, newHi: number): boolean {
+    if (this.read32(pa) !== oldLo >>> 0 || this.read32(pa + 4) !== oldHi >>> 0) return false
+    this.write32(pa, newLo >>> 0)
+    this.write32(pa + 4, newHi >>> 0)
+    return true
+  }
+
+  /** Read one byte. */
+  read8(pa: number): number {
+    return (this.read32(pa - (pa & 3)) >>> ((pa & 3) << 3)) & 0xff
+  }
+
+  /** Write one byte. */
+  write8(pa: number, value: number): void {
+    const base = pa - (pa & 3)
+    const sh = (pa & 3) << 3
+    this.write32(base, ((this.read32(base) & ~(0xff << sh)) | ((value & 0xff) << sh)) >>> 0)
+  }
+
+  /** Zero a frame and drop its storage. */
+  zeroFrame(frame: number): void {
+    this.checkFrame(frame)
+    const s = this.slotOf[frame]!
+    if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'write', frame * PAGE_SIZE)
+    if (s > 0) this.release(frame, s, 0)
+  }
+
+  /** Copy a whole frame (e.g. a copy-on-write break). */
+  copyFrame(src: number, dst: number): void {
+    this.checkFrame(src)
+    this.checkFrame(dst)
+    const ss = this.slotOf[src]!
+    if (ss === SLOT_POISONED) throw new PoisonedFrameError(src, 'read', src * PAGE_SIZE)
+    this.zeroFrame(dst)
+    if (ss === 0) return
+    const ds = this.back(dst) - 1
+    const sslot = ss - 1
+    const from = this.chunks[sslot >>> CHUNK_SHIFT]!
+    const fo = (sslot & (CHUNK_FRAMES - 1)) << 10
+    this.chunks[ds >>> CHUNK_SHIFT]!.set(from.subarray(fo, fo + WORDS_PER_FRAME), (ds & (CHUNK_FRAMES - 1)) << 10)
+  }
+
+  /** Poison a frame: its storage is dropped and every later access throws until {@link unpoison}. */
+  poison(frame: number): void {
+    this.checkFrame(frame)
+    const s = this.slotOf[frame]!
+    if (s > 0) this.release(frame, s, SLOT_POISONED)
+    else this.slotOf[frame] = SLOT_POISONED
+  }
+
+  /** Make a poisoned frame usable again (it reads zero). */
+  unpoison(frame: number): void {
+    this.checkFrame(frame)
+    if (this.slotOf[frame] === SLOT_POISONED) this.slotOf[frame] = 0
+  }
+
+  /** Whether `frame` is poisoned. */
+  isPoisoned(frame: number): boolean {
+    return frame < this.frameCount && this.slotOf[frame] === SLOT_POISONED
+  }
+
+  /** Whether `frame` currently has storage. */
+  isBacked(frame: number): boolean {
+    return frame < this.frameCount && this.slotOf[frame]! > 0
+  }
+
+  private checkFrame(frame: number): void {
+    if (!Number.isInteger(frame) || frame < 0 || frame >= this.frameCount) {
+      throw new MmusimError(
+        'FRAME_OUT_OF_RANGE',
+        `frame 0x${frame.toString(16)} is outside ${this.name} memory (0..0x${(this.frameCount - 1).toString(16)})`,
+      )
+    }
+  }
+
+  private back(frame: number): number {
+    let slot: number
+    if (this.freeSlots.length > 0) slot = this.freeSlots.pop()!
+    else {
+      slot = this.nextSlot++
+      if ((slot & (CHUNK_FRAMES - 1)) === 0) this.chunks.push(new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
+    }
+    this.slotOf[frame] = slot + 1
+    this.backedFrames++
+    return slot + 1
+  }
+
+  private release(frame: number, s: number, newState: number): void {
+    const slot = s - 1
+    const off = (slot & (CHUNK_FRAMES - 1)) << 10
+    this.chunks[slot >>> CHUNK_SHIFT]!.fill(0, off, off + WORDS_PER_FRAME)
+    this.freeSlots.push(slot)
+    this.slotOf[frame] = newState
+    this.backedFrames--
+  }
+}
+
+/** Counters of a {@link FrameAllocator}. */
+export interface FrameAllocatorStats {
+  allocated: number
+  free: number
+  peak: number
+  totalAllocs: number
+  totalFrees: number
+}
+
+/**
+ * A deterministic frame allocator over `[firstFrame, firstFrame + count)` of a {@link PhysMem}.
+ * Freed frames are reused most-recently-freed first. A freed frame may be poisoned so that any
+ * stale access throws; allocation un-poisons it. Double frees are errors.
+ */
+export class FrameAllocator {
+  readonly mem: PhysMem
+  readonly firstFrame: number
+  readonly count: number
+  private bump = 0
+  private readonly freeList: number[] = []
+  private readonly inUse: Uint8Array
+  private allocatedNow = 0
+  private peakNow = 0
+  private allocs = 0
+  private frees = 0
+
+  constructor(mem: PhysMem, firstFrame = 0, count = mem.frameCount - firstFrame) {
+    if (firstFrame < 0 || count <= 0 || firstFrame + count > mem.frameCount) {
+      throw new HwConfigError(
+        `FrameAllocator range [${String(firstFrame)}, ${String(firstFrame + count)}) does not fit ${mem.name} memory of ${String(mem.frameCount)} frames`,
+      )
+    }
+    this.mem = mem
+    this.firstFrame = firstFrame
+    this.count = count
+    this.inUse = new Uint8Array(count)
+  }
+
+  /** Allocate a zeroed frame; returns -1 when exhausted (callers decide: -ENOMEM or an error). */
+  alloc(): number {
+    let frame: number
+    if (this.freeList.length > 0) frame = this.freeList.pop()!
+    else if (this.bump < this.count) frame = this.firstFrame + this.bump++
+    else return -1
+    this.inUse[frame - this.firstFrame] = 1
+    this.mem.unpoison(frame)
+    this.allocatedNow++
+    this.allocs++
+    if (this.allocatedNow > this.peakNow) this.peakNow = this.allocatedNow
+    return frame
+  }
+
+  /** Allocate or throw `OUT_OF_MEMORY`. */
+  allocOrThrow(): number {
+    const f = this.alloc()
+    if (f < 0) {
+      throw new MmusimError(
+        'OUT_OF_MEMORY',
+        `${this.mem.name} frame allocator exhausted (${String(this.count)} frames); give the machine more memory`,
+      )
+    }
+    return f
+  }
+
+  /** Free a frame. With `poison`, any later access throws until it is allocated again. */
+  free(frame: number, options?: { poison?: boolean }): void {
+    const i = frame - this.firstFrame
+    if (!Number.isInteger(frame) || i < 0 || i >= this.count) {
+      throw new MmusimError('FRAME_OUT_OF_RANGE', `free of frame 0x${frame.toString(16)} outside this allocator`)
+    }
+    if (this.inUse[i] === 0) {
+      throw new MmusimError('DOUBLE_FREE', `frame 0x${frame.toString(16)} freed twice (or never allocated)`)
+    }
+    this.inUse[i] = 0
+    if (options?.poison === true) this.mem.poison(frame)
+    else this.mem.zeroFrame(frame)
+    this.freeList.push(frame)
+    this.allocatedNow--
+    this.frees++
+  }
+
+  /** Whether `frame` is currently allocated. */
+  isAllocated(frame: number): boolean {
+    const i = frame - this.firstFrame
+    return i >= 0 && i < this.count && this.inUse[i] === 1
+  }
+
+  stats(): FrameAllocatorStats {
+    return {
+      allocated: this.allocatedNow,
+      free: this.count - this.allocatedNow,
+      peak: this.peakNow,
+      totalAllocs: this.allocs,
+      totalFrees: this.frees,
+    }
+  }
+}

@@ -1,0 +1,232 @@
+import {
+  ACC_FETCH,
+  ACC_WRITE,
+  type AccessKind,
+  HI_PK_SHIFT,
+  LO_ADDR_MASK,
+  PFERR_I,
+  PFERR_P,
+  PFERR_RSVD,
+  PFERR_U,
+  PFERR_W,
+  PTE_A,
+  PTE_D,
+  PTE_G,
+  PTE_P,
+  PTE_PS,
+} from './bits.ts'
+import { type CpuState, PAGING_4L, PAGING_NONE, type PagingContext, rightsFault } from './cpu-state.ts'
+import { HwConfigError } from './errors.ts'
+import type { PhysMem } from './phys-mem.ts'
+import { WALK_EXIT, WALK_GP, WALK_OK, WALK_PF, type WalkResult, type WalkStatus } from './walk-result.ts'
+
+const TWO32 = 4294967296
+
+/**
+ * Nested (second-dimension) translation of guest-physical addresses: EPT or NPT. The 1-D walker
+ * calls it for every guest paging-structure access and for the final address, which is what
+ * makes a 2-D walk cost (n+1)(m+1)-1 references.
+ */
+export interface NestedTranslator {
+  /**
+   * Translate `gpa` for an access of `kind`. `final` is true for the final guest-physical address
+   * of the linear access, false for a guest paging-structure access. Returns the host-physical
+   * address, or -1 after filling the exit fields of `res` (and setting `res.status = WALK_EXIT`).
+   * Adds its own entry reads to `res.memRefs` and its A/D writes to `res.adWrites`.
+   */
+  translate(gpa: number, kind: AccessKind, final: boolean, res: WalkResult): number
+  /** Guest paging-structure reads are treated as writes (EPT with A/D enabled; NPT). */
+  readonly ptAccessIsWrite: boolean
+}
+
+/**
+ * Walk the guest (or, in shadow mode, the shadow) page tables for one linear access, with the
+ * exact SDM order of checks (x86-hw.md §3.1–§3.5): canonical check, per level P then reserved
+ * bits, rights at the leaf, then A/D updates by compare-and-exchange (restarting the walk if an
+ * entry changed under it). With `nested`, every table address and the final address go through
+ * the second dimension, and guest A/D writes need nested write permission.
+ *
+ * Models the hardware page walker; KVM's software equivalent is FNAME(walk_addr_generic).
+ * Faults are returned as a status and described in `res`; nothing is thrown for guest input.
+ *
+ * @param startLevel 0 to start at CR3; otherwise a paging-structure-cache hit: walk from
+ *   `startTable` at `startLevel` with the rights accumulated above it.
+ */
+export function walk(
+  mem: PhysMem,
+  ctx: PagingContext,
+  state: CpuState,
+  la: number,
+  kind: AccessKind,
+  implicit: boolean,
+  nested: NestedTranslator | null,
+  res: WalkResult,
+  startLevel = 0,
+  startTable = 0,
+  startRw = 1,
+  startUs = 1,
+  startXd = 0,
+): WalkStatus {
+  res.memRefs = 0
+  res.adWrites = 0
+  res.restarts = 0
+  res.la = la
+  res.kind = kind
+  res.hostW = 1
+  res.hostX = 1
+  const user = state.cpl === 3 && !implicit
+  if (ctx.mode === PAGING_NONE) {
+    // Paging off: linear = physical (guest-physical under nested paging); 32-bit addresses.
+    const gpa = la >>> 0
+    res.level = 0
+    res.rw = 1
+    res.us = 1
+    res.xd = 0
+    res.pkey = 0
+    res.dirty = 1
+    res.global = 0
+    res.gpa = gpa
+    if (nested !== null) {
+      res.gpa = gpa
+      const hpa = nested.translate(gpa, kind, true, res)
+      if (hpa < 0) return WALK_EXIT
+      res.pa = hpa
+    } else res.pa = gpa
+    return (res.status = WALK_OK)
+  }
+  if (ctx.mode < PAGING_4L) {
+    throw new HwConfigError('32-bit and PAE paging are not modelled yet; run the guest with 4-level or 5-level paging')
+  }
+  if (la < -ctx.canonLimit || la >= ctx.canonLimit || !Number.isSafeInteger(la)) {
+    res.errorCode = 0
+    return (res.status = WALK_GP)
+  }
+  const hiAddr = ctx.hiAddrMask
+  const nxe = ctx.nxe
+  const laHi = Math.floor(la / TWO32)
+  const laLo = (la - laHi * TWO32) >>> 0
+  const laHiU = laHi >>> 0
+  const ptKind: AccessKind = nested !== null && nested.ptAccessIsWrite ? ACC_WRITE : 0
+  const aOnDescent = ctx.features.nonLeafAOnDescent
+
+  restart: for (;;) {
+    let level = startLevel > 0 ? startLevel : ctx.levels
+    let table = startLevel > 0 ? startTable : ctx.root
+    let rw = startRw
+    let us = startUs
+    let xd = startXd
+    let eLo = 0
+    let eHi = 0
+    let leafLevel = 0
+    for (;;) {
+      let idx: number
+      switch (level) {
+        case 1: idx = (laLo >>> 12) & 511; break
+        case 2: idx = (laLo >>> 21) & 511; break
+        case 3: idx = ((laHiU & 0x7f) << 2) | (laLo >>> 30); break
+        case 4: idx = (laHiU >>> 7) & 511; break
+        default: idx = (laHiU >>> 16) & 511
+      }
+      const ea = table + idx * 8
+      let hea = ea
+      if (nested !== null) {
+        hea = nested.translate(ea, ptKind, false, res)
+        if (hea < 0) return WALK_EXIT
+      }
+      eLo = mem.read32(hea)
+      eHi = mem.read32(hea + 4)
+      res.memRefs++
+      if ((eLo & PTE_P) === 0) return pageFault(ctx, res, la, kind, user, 0)
+      const large = (eLo & PTE_PS) !== 0 && ((ctx.largeLevels >>> level) & 1) !== 0
+      if (large) {
+        if ((eLo & ctx.rsvdLargeLo[level]!) !== 0 || (eHi & ctx.rsvdHiLarge[level]!) !== 0) {
+          return pageFault(ctx, res, la, kind, user, PFERR_P | PFERR_RSVD)
+        }
+      } else if ((eLo & ctx.rsvdLo[level]!) !== 0 || (eHi & ctx.rsvdHi[level]!) !== 0) {
+        return pageFault(ctx, res, la, kind, user, PFERR_P | PFERR_RSVD)
+      }
+      rw &= (eLo >>> 1) & 1
+      us &= (eLo >>> 2) & 1
+      if (nxe) xd |= eHi >>> 31
+      res.pathPa[level] = hea
+      res.pathGpa[level] = ea
+      res.pathLo[level] = eLo
+      res.pathHi[level] = eHi
+      if (level === 1 || large) {
+        leafLevel = level
+        break
+      }
+      if (aOnDescent && (eLo & PTE_A) === 0) {
+        // Hardware sets A on each entry it uses as it descends (locked RMW).
+        if (nested !== null && !nested.ptAccessIsWrite && nested.translate(ea, ACC_WRITE, false, res) < 0) return WALK_EXIT
+        const nLo = (eLo | PTE_A) >>> 0
+        if (!mem.cmpxchg64(hea, eLo, eHi, nLo, eHi)) {
+          res.restarts++
+          continue restart
+        }
+        res.adWrites++
+        eLo = nLo
+        res.pathLo[level] = nLo
+      }
+      table = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32
+      level--
+    }
+
+    const pkey = ctx.pke || ctx.pks ? (eHi >>> HI_PK_SHIFT) & 0xf : 0
+    const denied = rightsFault(ctx, state, kind, user, implicit, rw, us, xd, pkey)
+    if (denied !== 0) return pageFault(ctx, res, la, kind, user, denied)
+
+    // Final guest-physical address.
+    let gpa: number
+    if (leafLevel === 1) gpa = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32 + (laLo & 0xfff)
+    else if (leafLevel === 2) gpa = ((eLo & 0xffe00000) >>> 0) + (eHi & hiAddr) * TWO32 + (laLo & 0x1fffff)
+    else gpa = ((eLo & 0xc0000000) >>> 0) + (eHi & hiAddr) * TWO32 + (laLo & 0x3fffffff)
+    res.gpa = gpa
+    res.rw = rw
+    res.us = us
+    res.xd = xd
+    res.pkey = pkey
+    res.level = leafLevel
+    if (nested !== null) {
+      // KVM's order: the final GPA is translated before the guest A/D writes.
+      const hpa = nested.translate(gpa, kind, true, res)
+      if (hpa < 0) return WALK_EXIT
+      res.pa = hpa
+    } else res.pa = gpa
+
+    // A/D updates, top-down, as locked compare-and-exchange; restart the walk if an entry changed.
+    const top = startLevel > 0 ? startLevel : ctx.levels
+    for (let l = top; l >= leafLevel; l--) {
+      const lo = res.pathLo[l]!
+      let want = lo | PTE_A
+      if (l === leafLevel && kind === ACC_WRITE) want |= PTE_D
+      want >>>= 0
+      if (want === lo) continue
+      const hea = res.pathPa[l]!
+      if (nested !== null && !nested.ptAccessIsWrite) {
+        // The A/D write is a write to the guest paging structure: it needs nested write permission.
+        if (nested.translate(res.pathGpa[l]!, ACC_WRITE, false, res) < 0) return WALK_EXIT
+      }
+      if (!mem.cmpxchg64(hea, lo, res.pathHi[l]!, want, res.pathHi[l]!)) {
+        res.restarts++
+        continue restart
+      }
+      res.adWrites++
+      res.pathLo[l] = want
+    }
+    const leafLo = res.pathLo[leafLevel]!
+    res.dirty = (leafLo & PTE_D) !== 0 ? 1 : 0
+    res.global = ctx.pge && (leafLo & PTE_G) !== 0 ? 1 : 0
+    return (res.status = WALK_OK)
+  }
+}
+
+function pageFault(ctx: PagingContext, res: WalkResult, la: number, kind: number, user: boolean, bits: number): WalkStatus {
+  let ec = bits
+  if (kind === ACC_WRITE) ec |= PFERR_W
+  if (user) ec |= PFERR_U
+  if (kind === ACC_FETCH && (ctx.smep || ctx.nxe)) ec |= PFERR_I
+  res.errorCode = ec
+  res.cr2 = la
+  return (res.status = WALK_PF)
+}
