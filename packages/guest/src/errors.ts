@@ -9,6 +9,11 @@
  * - `TRACE_UNSUPPORTED`: a well-formed trace record the model cannot represent (an address above
  *   2^53 − 1, which a JavaScript number cannot hold exactly).
  * - `INVALID_ARGUMENT`: an API was called with an out-of-range option or argument.
+ * - `OUT_OF_MEMORY`: the guest kernel ran out of physical frames in a vCPU's pool.
+ * - `KERNEL_OOPS`: a guest kernel access faulted where the kernel expects none (a page-table
+ *   access through the direct map, for instance) — on a correct MMU this never happens.
+ * - `KERNEL_BUG`: the guest kernel's own bookkeeping is inconsistent (double free, bad state).
+ * - `GUEST_DEADLOCK`: a guest program spun waiting for a condition longer than its budget.
  */
 export type GuestErrorCode =
   | 'TRACE_CORRUPT'
@@ -16,6 +21,10 @@ export type GuestErrorCode =
   | 'TRACE_IO'
   | 'TRACE_UNSUPPORTED'
   | 'INVALID_ARGUMENT'
+  | 'OUT_OF_MEMORY'
+  | 'KERNEL_OOPS'
+  | 'KERNEL_BUG'
+  | 'GUEST_DEADLOCK'
   | (string & {})
 
 /** Options of {@link GuestError}: the standard `cause`, plus the 1-based input line when the error is about a line of a file. */

@@ -102,6 +102,8 @@ export class CpuState {
   pkru = 0
   /** IA32_PKRS. */
   pkrs = 0
+  /** CR2: the linear address of the last #PF delivered. */
+  cr2 = 0
 }
 
 /** Current paging mode from CR0/CR4/EFER (SDM table 4-1). */

@@ -45,6 +45,8 @@ export class WalkResult {
   exitInfo1Hi = 0
   exitGpa = 0
   exitGla = 0
+  /** Leaf level of the nested translation of the final address (3 without nested paging); a combined TLB entry is no larger than both. */
+  nestedLevel = 3
   /** Memory references made by this walk (paging-structure reads, guest and nested). */
   memRefs = 0
   /** Locked A/D updates made by this walk (guest and nested). */

@@ -74,6 +74,7 @@ export function walk(
   res.kind = kind
   res.hostW = 1
   res.hostX = 1
+  res.nestedLevel = 3
   const user = state.cpl === 3 && !implicit
   if (ctx.mode === PAGING_NONE) {
     // Paging off: linear = physical (guest-physical under nested paging); 32-bit addresses.

@@ -1,0 +1,18 @@
+/**
+ * @mmusim/guest — a miniature guest OS that drives the MMU the way Linux does (page tables in
+ * guest memory edited through the vCPU, demand paging, copy-on-write, PCID context switches, TLB
+ * shootdowns, reclaim, THP, CR0.WP/CR4.PGE traffic), and the workload programs that run on it.
+ */
+export * from './errors.js'
+export * from './prng.js'
+export * from './lackey.js'
+export * from './layout.js'
+export * from './frames.js'
+export * from './cpu.js'
+export * from './mm.js'
+export * from './fault.js'
+export * from './tlb-flush.js'
+export * from './mm-ops.js'
+export * from './guest-os.js'
+export * from './run.js'
+export * from './programs/memstress.js'

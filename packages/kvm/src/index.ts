@@ -1,0 +1,7 @@
+export * from './errors.ts'
+export * from './memslot.ts'
+export * from './host-memory.ts'
+export * from './mmu-notifier.ts'
+export * from './spte.ts'
+export * from './sched/index.ts'
+export { DEBUG } from './debug.ts'
