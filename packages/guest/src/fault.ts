@@ -50,7 +50,7 @@ export function* handleMmFault(cpu: Cpu, va: number, ec: number): Routine<boolea
     const lo = yield* cpu.kread64(os.directMap(pmdEa))
     const hi = cpu.rhi
     if ((lo & PTE_P) === 0 && lo === 0 && hi === 0) {
-      if (yield* doHugePmdAnonymousPage(cpu, mm, vma, va, pmdEa)) return true
+      if (yield* doHugePmdAnonymousPage(cpu, mm, vma, pmdEa)) return true
     } else if ((lo & PTE_P) !== 0 && (lo & PTE_PS) !== 0) {
       if (!write || (lo & PTE_RW) !== 0) {
         os.stats.spuriousFaults++
@@ -157,7 +157,8 @@ function* doWpPage(cpu: Cpu, mm: Mm, vma: Vma, page: number, ea: number, lo: num
 export function putPage(cpu: Cpu, frame: number): void {
   const fr = cpu.os.frames
   kassert(fr.refcount[frame]! > 0, `put_page of frame 0x${frame.toString(16)} with refcount 0`)
-  if (--fr.refcount[frame]! === 0) fr.free4k(cpu.id, frame)
+  fr.refcount[frame] = fr.refcount[frame]! - 1
+  if (fr.refcount[frame] === 0) fr.free4k(cpu.id, frame)
 }
 
 /** Linux `do_swap_page`: read the page back from swap into a new frame and map it (writable only if the swap slot was not shared). */
@@ -206,7 +207,7 @@ export function swapFree(cpu: Cpu, slot: number): void {
  * Linux `do_huge_pmd_anonymous_page`: back the 2 MiB block with a freshly zeroed 2 MiB page
  * mapped by one PMD leaf. Returns false (fall back to 4 KiB pages) when no 2 MiB chunk is free.
  */
-function* doHugePmdAnonymousPage(cpu: Cpu, mm: Mm, vma: Vma, va: number, pmdEa: number): Routine<boolean> {
+function* doHugePmdAnonymousPage(cpu: Cpu, mm: Mm, vma: Vma, pmdEa: number): Routine<boolean> {
   const os = cpu.os
   const head = os.frames.alloc2m(cpu.id)
   if (head < 0) return false
@@ -219,7 +220,6 @@ function* doHugePmdAnonymousPage(cpu: Cpu, mm: Mm, vma: Vma, va: number, pmdEa: 
   os.frames.refcount[head] = 1
   mm.rss += FRAMES_PER_2M
   os.stats.thpFaults++
-  void va
   return true
 }
 

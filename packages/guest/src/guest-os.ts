@@ -16,7 +16,6 @@ import {
   type GuestProgram,
   HI_XD,
   type InterruptHandler,
-  laToBigInt,
   type Machine,
   PTE_A,
   PTE_D,

@@ -5,7 +5,6 @@ import { handleMmFault, putPage, splitHugePmd, swapFree, swapPte, swapSlotOf, th
 import type { Task } from './guest-os.js'
 import {
   alignDown,
-  entryHi,
   entryLo,
   entryPa,
   FRAMES_PER_2M,
@@ -58,7 +57,8 @@ function* finishGather(cpu: Cpu, mm: Mm, g: Gather, start: number, end: number):
   for (const f of g.pages) putPage(cpu, f)
   for (const h of g.huge) {
     kassert(fr.refcount[h]! > 0, 'THP refcount underflow')
-    if (--fr.refcount[h]! === 0) fr.free2m(cpu.id, h)
+    fr.refcount[h] = fr.refcount[h]! - 1
+    if (fr.refcount[h] === 0) fr.free2m(cpu.id, h)
   }
   for (const t of g.tables) cpu.os.freeTablePage(cpu, t)
 }
@@ -342,7 +342,10 @@ export function* exitMm(cpu: Cpu, mm: Mm): Routine {
   mm.vmas.length = 0
   const os = cpu.os
   for (const f of g.pages) putPage(cpu, f)
-  for (const h of g.huge) if (--os.frames.refcount[h]! === 0) os.frames.free2m(cpu.id, h)
+  for (const h of g.huge) {
+    os.frames.refcount[h] = os.frames.refcount[h]! - 1
+    if (os.frames.refcount[h] === 0) os.frames.free2m(cpu.id, h)
+  }
   yield* freeTables(cpu, mm.pgd, os.levels, true)
   mm.dead = true
 }

@@ -74,14 +74,16 @@ export const DEFAULT_FEATURES: Readonly<CpuFeatures> = Object.freeze({
   nonLeafAOnDescent: true,
 })
 
+const VENDORS = ['intel', 'amd'] as const
+
 /** Validate and complete a partial feature set; throws {@link HwConfigError} with what was expected. */
 export function makeFeatures(partial: Partial<CpuFeatures> = {}): CpuFeatures {
   const f: CpuFeatures = { ...DEFAULT_FEATURES, ...partial }
   if (!Number.isInteger(f.maxPhyAddr) || f.maxPhyAddr < 36 || f.maxPhyAddr > 52) {
     throw new HwConfigError(`maxPhyAddr must be an integer from 36 to 52 (CPUID.80000008H:EAX[7:0]); got ${String(f.maxPhyAddr)}`)
   }
-  if (f.vendor !== 'intel' && f.vendor !== 'amd') {
-    throw new HwConfigError(`vendor must be 'intel' or 'amd'; got ${String(f.vendor)}`)
+  if (!(VENDORS as readonly string[]).includes(f.vendor)) {
+    throw new HwConfigError(`vendor must be 'intel' or 'amd'; got ${f.vendor}`)
   }
   return f
 }
@@ -228,7 +230,7 @@ export function rightsFault(
   xd: number,
   pkey: number,
 ): number {
-  let f = false
+  let f: boolean
   if (kind === 2) {
     if (user) f = us === 0
     else f = ctx.smep && us !== 0

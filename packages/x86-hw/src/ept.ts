@@ -284,6 +284,7 @@ export class EptTranslator implements NestedTranslator {
       if (final) {
         res.hostW = (rights >>> 1) & 1
         res.hostX = (rights >>> 2) & 1
+        res.nestedLevel = level
       }
       if (level === 1) return ((lo & 0xfffff000) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0xfff)
       if (level === 2) return ((lo & 0xffe00000) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0x1fffff)

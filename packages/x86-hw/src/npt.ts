@@ -205,6 +205,7 @@ export class NptTranslator implements NestedTranslator {
       if (final) {
         res.hostW = rw
         res.hostX = xd ^ 1
+        res.nestedLevel = level
       }
       if (level === 1) return ((lo & LO_ADDR_MASK) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0xfff)
       if (level === 2) return ((lo & 0xffe00000) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0x1fffff)

@@ -92,7 +92,7 @@ import type { PhysMem } from './phys-mem.ts'
 import { PagingStructureCache } from './psc.ts'
 import { Tlb, type TlbConfig, TLBF_DIRTY, TLBF_HOSTW, TLBF_HOSTX, TLBF_PKEY_SHIFT, TLBF_RW, TLBF_US, TLBF_XD } from './tlb.ts'
 import { type NestedTranslator, walk } from './walk.ts'
-import { WALK_EXIT, WALK_GP, WALK_OK, WALK_PF, WalkResult } from './walk-result.ts'
+import { WALK_GP, WALK_OK, WALK_PF, WalkResult } from './walk-result.ts'
 
 /** Hardware modes a hypervisor configures (ARCHITECTURE.md "vCPU execution"). */
 export const MODE_BARE = 0
@@ -311,6 +311,8 @@ export class Vcpu {
           const off = la - Math.floor(la / tlb.pageSize[i]!) * tlb.pageSize[i]!
           res.pa = tlb.base[i]! + off
           res.gpa = tlb.gpaBase[i]! + off
+          res.memRefs = 0
+          res.adWrites = 0
           const lvl = tlb.level[i]!
           c[lvl === 1 ? C_TLB_HIT_4K : lvl === 2 ? C_TLB_HIT_2M : C_TLB_HIT_1G]!++
           return EXEC_OK

@@ -107,7 +107,7 @@ export function walk(
   const laHi = Math.floor(la / TWO32)
   const laLo = (la - laHi * TWO32) >>> 0
   const laHiU = laHi >>> 0
-  const ptKind: AccessKind = nested !== null && nested.ptAccessIsWrite ? ACC_WRITE : 0
+  const ptKind: AccessKind = nested?.ptAccessIsWrite === true ? ACC_WRITE : 0
   const aOnDescent = ctx.features.nonLeafAOnDescent
 
   restart: for (;;) {
@@ -116,9 +116,9 @@ export function walk(
     let rw = startRw
     let us = startUs
     let xd = startXd
-    let eLo = 0
-    let eHi = 0
-    let leafLevel = 0
+    let eLo: number
+    let eHi: number
+    let leafLevel: number
     for (;;) {
       let idx: number
       switch (level) {

@@ -68,7 +68,7 @@ export function* forkStorm(cpu: Cpu, params: ForkStormParams = {}): Routine {
     const written = prng.shuffle(Array.from({ length: pages }, (_, i) => i)).slice(0, parentWrites)
     for (const p of written) {
       mine[p] = value(cpu.id, 0, p, round + 1)
-      yield* cpu.write32(base + p * PAGE_4K, mine[p]!)
+      yield* cpu.write32(base + p * PAGE_4K, mine[p])
     }
   }
   for (let p = 0; p < pages; p++) yield* cpu.check32(base + p * PAGE_4K, mine[p]!)
