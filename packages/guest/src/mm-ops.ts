@@ -19,7 +19,7 @@ import {
   SWAP_PTE_MARK,
   USER_MMAP_BASE,
 } from './layout.js'
-import { kassert, type Mm, modifyOldHi, ptepGetAndClear, ptepModify, pteOffset, type Vma } from './mm.js'
+import { kassert, type Mm, modifyOldHi, nextBlockAfterMiss, ptepGetAndClear, ptepModify, pteOffset, type Vma } from './mm.js'
 import { flushTlbMmRange, switchMm } from './tlb-flush.js'
 
 /*
@@ -139,7 +139,10 @@ function* zapRange(cpu: Cpu, mm: Mm, start: number, end: number, g: Gather, free
   const os = cpu.os
   for (let h = alignDown(start, PAGE_2M); h < end; h += PAGE_2M) {
     const pmdEa = yield* pteOffset(cpu, mm, h, 2, false)
-    if (pmdEa < 0) continue
+    if (pmdEa < 0) {
+      h = nextBlockAfterMiss(h) - PAGE_2M
+      continue
+    }
     let lo = yield* cpu.kread64(os.directMap(pmdEa))
     let hi = cpu.rhi
     if ((lo & PTE_P) === 0) continue
@@ -225,7 +228,10 @@ export function* mprotect(cpu: Cpu, mm: Mm, start: number, length: number, prot:
   const xd = (prot & PROT_EXEC) === 0 && os.features.nx ? HI_XD : 0
   for (let h = alignDown(start, PAGE_2M); h < end; h += PAGE_2M) {
     const pmdEa = yield* pteOffset(cpu, mm, h, 2, false)
-    if (pmdEa < 0) continue
+    if (pmdEa < 0) {
+      h = nextBlockAfterMiss(h) - PAGE_2M
+      continue
+    }
     let lo = yield* cpu.kread64(os.directMap(pmdEa))
     let hi = cpu.rhi
     if ((lo & PTE_P) === 0) continue
@@ -281,7 +287,10 @@ export function* fork(cpu: Cpu, parent: Task): Routine<Task> {
   for (const v of pm.vmas) {
     for (let h = alignDown(v.start, PAGE_2M); h < v.end; h += PAGE_2M) {
       const pmdEa = yield* pteOffset(cpu, pm, h, 2, false)
-      if (pmdEa < 0) continue
+      if (pmdEa < 0) {
+        h = nextBlockAfterMiss(h) - PAGE_2M
+        continue
+      }
       const lo = yield* cpu.kread64(os.directMap(pmdEa))
       const hi = cpu.rhi
       if ((lo & PTE_P) === 0) continue

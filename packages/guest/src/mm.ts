@@ -1,7 +1,7 @@
 import { PTE_P, PTE_PS } from '@mmusim/x86-hw'
 import type { Cpu, Routine } from './cpu.js'
 import { GuestError } from './errors.js'
-import { entryHi, entryLo, entryPa, PAGE_TABLE_LO, ptIndex } from './layout.js'
+import { entryHi, entryLo, entryPa, levelSize, PAGE_TABLE_LO, ptIndex } from './layout.js'
 
 /** A virtual memory area (Linux `struct vm_area_struct`): [start, end), PROT_* bits, and whether THP may back it. */
 export interface Vma {
@@ -84,6 +84,17 @@ export class Mm {
 
 /** Level at which the last {@link pteOffset} stopped early on a huge leaf (2 or 3), else 0. */
 export let walkStoppedAt = 0
+/** Level of the missing entry when the last {@link pteOffset} returned -1. */
+export let walkMissingLevel = 0
+
+/**
+ * The next 2 MiB block to visit after `h` when {@link pteOffset} found no table for it: skip the
+ * whole range the missing entry would have covered (range walkers stay fast over sparse spaces).
+ */
+export function nextBlockAfterMiss(h: number): number {
+  const size = levelSize(walkMissingLevel)
+  return Math.floor(h / size) * size + size
+}
 
 /**
  * Find the entry for `va` at `level` (1 = PTE, 2 = PMD) in `mm`'s tables, reading each level
@@ -102,7 +113,10 @@ export function* pteOffset(cpu: Cpu, mm: Mm, va: number, level: number, alloc: b
     let lo = yield* cpu.kread64(os.directMap(ea))
     let hi = cpu.rhi
     if ((lo & PTE_P) === 0) {
-      if (!alloc) return -1
+      if (!alloc) {
+        walkMissingLevel = l
+        return -1
+      }
       const pa = yield* os.allocTablePage(cpu)
       if (yield* cpu.kcmpxchg64(os.directMap(ea), lo, hi, entryLo(pa, PAGE_TABLE_LO), entryHi(pa, 0))) {
         lo = entryLo(pa, PAGE_TABLE_LO)

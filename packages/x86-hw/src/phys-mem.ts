@@ -9,6 +9,11 @@ const CHUNK_FRAMES = 1 << CHUNK_SHIFT
 const SLOT_POISONED = -1
 /** Value read from an address beyond installed memory: an aborted bus read returns all ones. */
 export const OPEN_BUS = 0xffffffff
+/** {@link PhysMem.locate}: the frame has no storage (every word reads as 0). */
+export const LOC_ZERO = -1
+/** {@link PhysMem.locate}: the address is beyond installed memory (reads {@link OPEN_BUS}). */
+export const LOC_OPEN_BUS = -2
+const NO_WORDS = new Uint32Array(0)
 
 /** Options of a {@link PhysMem}. */
 export interface PhysMemOptions {
@@ -53,23 +58,64 @@ export class PhysMem {
     this.slotOf = new Int32Array(frames)
   }
 
-  /** Read the 32-bit word at `pa` (4-byte aligned). */
-  read32(pa: number): number {
-    const frame = Math.floor(pa / PAGE_SIZE)
-    if (frame >= this.frameCount) return OPEN_BUS
+  /**
+   * Backing words of the frame found by the last {@link locate} that returned an index ≥ 0. Read it
+   * right after the call: any later store may grow the backing.
+   */
+  locBuf: Uint32Array = NO_WORDS
+
+  /**
+   * Resolve `pa` (4-byte aligned) once, for callers that read several words of one frame (a 64-bit
+   * entry is two): returns the index of its word in {@link locBuf}, or {@link LOC_ZERO} (unbacked:
+   * reads as 0) or {@link LOC_OPEN_BUS} (not installed: reads as all ones). Throws
+   * {@link PoisonedFrameError} for a poisoned frame, like {@link read32}.
+   */
+  locate(pa: number): number {
+    // `!(pa < size)` also catches NaN. Below sizeBytes (≤ 2^42) the frame number is < 2^30, so
+    // `>>> 0` truncates exactly like Math.floor and stays a small integer for the lookups.
+    if (!(pa < this.sizeBytes) || pa < 0) return LOC_OPEN_BUS
+    const frame = (pa / PAGE_SIZE) >>> 0
     const s = this.slotOf[frame]!
     if (s <= 0) {
       if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'read', pa)
-      return 0
+      return LOC_ZERO
     }
     const slot = s - 1
-    return this.chunks[slot >>> CHUNK_SHIFT]![((slot & (CHUNK_FRAMES - 1)) << 10) | ((pa & 0xfff) >>> 2)]!
+    this.locBuf = this.chunks[slot >>> CHUNK_SHIFT]!
+    // `pa & 0xfff` is exact for any integer pa: bitwise ops see its low 32 bits.
+    return ((slot & (CHUNK_FRAMES - 1)) << 10) | ((pa & 0xfff) >>> 2)
   }
+
+  /** Read the 32-bit word at `pa` (4-byte aligned). */
+  read32(pa: number): number {
+    const w = this.locate(pa)
+    if (w >= 0) return this.locBuf[w]!
+    return w === LOC_ZERO ? 0 : OPEN_BUS
+  }
+
+  /**
+   * Read the 64-bit entry at `pa` (8-byte aligned) with one frame lookup: returns the low word and
+   * leaves the high word in {@link hi64} (no allocation). Same outcomes as two {@link read32} calls.
+   */
+  read64(pa: number): number {
+    const w = this.locate(pa)
+    if (w >= 0) {
+      const buf = this.locBuf
+      this.hi64 = buf[w + 1]!
+      return buf[w]!
+    }
+    const v = w === LOC_ZERO ? 0 : OPEN_BUS
+    this.hi64 = v
+    return v
+  }
+
+  /** High word of the entry read by the last {@link read64}. */
+  hi64 = 0
 
   /** Write the 32-bit word at `pa` (4-byte aligned). */
   write32(pa: number, value: number): void {
-    const frame = Math.floor(pa / PAGE_SIZE)
-    if (frame >= this.frameCount) return
+    if (!(pa < this.sizeBytes) || pa < 0) return
+    const frame = (pa / PAGE_SIZE) >>> 0 // exact: see locate
     let s = this.slotOf[frame]!
     if (s <= 0) {
       if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'write', pa)
@@ -91,7 +137,7 @@ export class PhysMem {
    * Returns true and stores the new value if the entry still equals (oldLo, oldHi).
    */
   cmpxchg64(pa: number, oldLo: number, oldHi: number, newLo: number, newHi: number): boolean {
-    if (this.read32(pa) !== oldLo >>> 0 || this.read32(pa + 4) !== oldHi >>> 0) return false
+    if (this.read64(pa) !== oldLo >>> 0 || this.hi64 !== oldHi >>> 0) return false
     this.write32(pa, newLo >>> 0)
     this.write32(pa + 4, newHi >>> 0)
     return true

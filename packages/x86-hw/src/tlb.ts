@@ -208,9 +208,11 @@ export class Tlb {
   /**
    * Per 4 KiB set, a 32-bit filter of the page numbers it holds (bit (vpn >> log2(sets)) & 31):
    * a clear bit skips the 12-way scan, which is most of the cost of a 2 MiB / 1 GiB hit or a miss.
-   * Recomputed on every change of the set; flushed entries leave false positives only.
+   * Kept exact on every change of the set (see {@link sigReplace}); flushed entries leave false positives only.
    */
   private readonly sig4k: Int32Array
+  /** Per 4 KiB set and signature bit, how many ways set it (so the signature updates in O(1)). */
+  private readonly sigCount: Uint8Array
   /** Current flush sequence number (inserts are stamped with it). */
   private seqNow = 0
   /** Thresholds: flushAll; per asid (incl. globals); per asid non-global; per (asid, pcid) non-global. */
@@ -258,6 +260,7 @@ export class Tlb {
     this.mask1g = c.sets1g - 1
     this.setBits4k = Math.log2(c.sets4k)
     this.sig4k = new Int32Array(c.sets4k)
+    this.sigCount = new Uint8Array(c.sets4k * 32)
     this.seqAsid = new Int32Array(c.asids)
     this.seqAsidNg = new Int32Array(c.asids)
     this.seqPcid = new Int32Array(c.asids * 4096)
@@ -403,21 +406,40 @@ export class Tlb {
     const tag = (res.global & 1) !== 0 ? ~asid : (asid << 12) | pcid
     const start = off + set * ways
     const end = start + ways
+    const vpnA = this.vpn
+    const tagA = this.tag
+    const seqA = this.seq
+    // Liveness without the full threshold check in the common cases: an entry stamped with the
+    // current sequence number was inserted after every flush (live); one older than the last
+    // flushAll is dead. Only entries in between need {@link isLive}.
+    const seqNow = this.seqNow
+    const seqAll = this.seqAll
+    // A clear signature bit proves no way holds this page number: the first free way will do.
+    const sigBit = level === 1 ? (vpn >> this.setBits4k) & 31 : 0
+    const mayHold = level !== 1 || ((this.sig4k[set]! >>> sigBit) & 1) !== 0
     // 1. A live entry with the same tag and page is refreshed in place (no duplicates in a set;
     //    a global and a non-global entry for one page may coexist, as on hardware).
     // 2. Else the first free way (empty, or made stale by a flush). 3. Else the round-robin victim.
     let victim = -1
     let free = -1
     for (let i = start; i < end; i++) {
-      if (this.vpn[i] !== vpn) {
-        if (free < 0 && !this.isLive(i)) free = i
+      const v = vpnA[i]!
+      if (v !== vpn) {
+        if (free < 0) {
+          const sq = seqA[i]!
+          if (v !== v || (sq !== seqNow && (sq < seqAll || !this.isLive(i)))) {
+            free = i
+            if (!mayHold) break
+          }
+        }
         continue
       }
-      if (!this.isLive(i)) {
+      const sq = seqA[i]!
+      if (sq !== seqNow && (sq < seqAll || !this.isLive(i))) {
         if (free < 0) free = i
         continue
       }
-      if (this.tag[i] === tag) {
+      if (tagA[i] === tag) {
         victim = i
         break
       }
@@ -431,10 +453,11 @@ export class Tlb {
         this.counters[TLBC_EVICT]!++
       }
     }
+    if (level === 1) this.sigReplace(set, vpnA[victim]!, vpn)
     const pageOff = la & offMask
-    this.vpn[victim] = vpn
-    this.tag[victim] = tag
-    this.seq[victim] = this.seqNow
+    vpnA[victim] = vpn
+    tagA[victim] = tag
+    seqA[victim] = seqNow
     this.base[victim] = res.pa - pageOff
     this.gpaBase[victim] = res.gpa - pageOff
     this.flags[victim] =
@@ -447,7 +470,6 @@ export class Tlb {
       ((res.hostX & 1) << 6) |
       ((res.pkey & 0xf) << TLBF_PKEY_SHIFT)
     this.counters[TLBC_INSERT]!++
-    if (level === 1) this.resig(set)
     return victim
   }
 
@@ -562,8 +584,8 @@ export class Tlb {
   /** Drop entry `i` (always allowed: a processor may drop any entry at any time, SDM 4.10.2.2). */
   invalidateEntry(i: number): void {
     if (this.isLive(i)) this.counters[TLBC_DROPPED]!++
+    if (i < this.offset2m) this.sigReplace((i / this.ways4k) | 0, this.vpn[i]!, NaN)
     this.vpn[i] = NaN
-    if (i < this.offset2m) this.resig((i / this.ways4k) | 0)
   }
 
   /** Number of live entries (O(capacity); for statistics and tests). */
@@ -593,11 +615,37 @@ export class Tlb {
   }
 
   private resig(set: number): void {
-    let m = 0
     const start = set * this.ways4k
+    const cnt = this.sigCount
+    cnt.fill(0, set * 32, set * 32 + 32)
+    let m = 0
     for (let i = start; i < start + this.ways4k; i++) {
       const v = this.vpn[i]!
-      if (v === v) m |= 1 << ((v >> this.setBits4k) & 31)
+      if (v === v) {
+        const bit = (v >> this.setBits4k) & 31
+        cnt[set * 32 + bit]!++
+        m |= 1 << bit
+      }
+    }
+    this.sig4k[set] = m
+  }
+
+  /**
+   * Keep the signature of a 4 KiB set exact when one way's page number changes from `oldVpn` to
+   * `newVpn` (NaN = empty): a per-bit count of the ways that set it, so no rescan of the set.
+   */
+  private sigReplace(set: number, oldVpn: number, newVpn: number): void {
+    const cnt = this.sigCount
+    const sh = this.setBits4k
+    let m = this.sig4k[set]!
+    if (oldVpn === oldVpn) {
+      const bit = (oldVpn >> sh) & 31
+      if (--cnt[set * 32 + bit]! === 0) m &= ~(1 << bit)
+    }
+    if (newVpn === newVpn) {
+      const bit = (newVpn >> sh) & 31
+      cnt[set * 32 + bit]!++
+      m |= 1 << bit
     }
     this.sig4k[set] = m
   }

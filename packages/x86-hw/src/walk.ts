@@ -21,6 +21,8 @@ import type { PhysMem } from './phys-mem.ts'
 import { WALK_EXIT, WALK_GP, WALK_OK, WALK_PF, type WalkResult, type WalkStatus } from './walk-result.ts'
 
 const TWO32 = 4294967296
+/** 2^-shift of the index bits of each level (1: 20:12 … 5: 56:48). */
+const INDEX_SCALE = new Float64Array([0, 2 ** -12, 2 ** -21, 2 ** -30, 2 ** -39, 2 ** -48])
 
 /**
  * Nested (second-dimension) translation of guest-physical addresses: EPT or NPT. The 1-D walker
@@ -104,84 +106,85 @@ export function walk(
   }
   const hiAddr = ctx.hiAddrMask
   const nxe = ctx.nxe
-  const laHi = Math.floor(la / TWO32)
-  const laLo = (la - laHi * TWO32) >>> 0
-  const laHiU = laHi >>> 0
   const ptKind: AccessKind = nested?.ptAccessIsWrite === true ? ACC_WRITE : 0
   const aOnDescent = ctx.features.nonLeafAOnDescent
+  const largeLevels = ctx.largeLevels
+  const rsvdLo = ctx.rsvdLo
+  const rsvdHi = ctx.rsvdHi
+  const rsvdLargeLo = ctx.rsvdLargeLo
+  const rsvdHiLarge = ctx.rsvdHiLarge
+  const pathPa = res.pathPa
+  const pathGpa = res.pathGpa
+  const pathLo = res.pathLo
+  const pathHi = res.pathHi
+  const top = startLevel > 0 ? startLevel : ctx.levels
 
   restart: for (;;) {
-    let level = startLevel > 0 ? startLevel : ctx.levels
+    let level = top
     let table = startLevel > 0 ? startTable : ctx.root
     let rw = startRw
     let us = startUs
     let xd = startXd
     let eLo: number
     let eHi: number
-    let leafLevel: number
+    // A non-leaf entry still needs its A bit from the A/D pass (KVM-style walkers set it after the walk).
+    let adPending = false
     for (;;) {
-      let idx: number
-      switch (level) {
-        case 1: idx = (laLo >>> 12) & 511; break
-        case 2: idx = (laLo >>> 21) & 511; break
-        case 3: idx = ((laHiU & 0x7f) << 2) | (laLo >>> 30); break
-        case 4: idx = (laHiU >>> 7) & 511; break
-        default: idx = (laHiU >>> 16) & 511
-      }
-      const ea = table + idx * 8
+      // Index bits of this level: floor(la / 2^shift) & 511 is exact for signed canonical la.
+      const ea = table + (Math.floor(la * INDEX_SCALE[level]!) & 511) * 8
       let hea = ea
       if (nested !== null) {
         hea = nested.translate(ea, ptKind, false, res)
         if (hea < 0) return WALK_EXIT
       }
-      eLo = mem.read32(hea)
-      eHi = mem.read32(hea + 4)
+      eLo = mem.read64(hea)
+      eHi = mem.hi64
       res.memRefs++
       if ((eLo & PTE_P) === 0) return pageFault(ctx, res, la, kind, user, 0)
-      const large = (eLo & PTE_PS) !== 0 && ((ctx.largeLevels >>> level) & 1) !== 0
-      if (large) {
-        if ((eLo & ctx.rsvdLargeLo[level]!) !== 0 || (eHi & ctx.rsvdHiLarge[level]!) !== 0) {
-          return pageFault(ctx, res, la, kind, user, PFERR_P | PFERR_RSVD)
-        }
-      } else if ((eLo & ctx.rsvdLo[level]!) !== 0 || (eHi & ctx.rsvdHi[level]!) !== 0) {
+      const large = (eLo & PTE_PS) !== 0 && ((largeLevels >>> level) & 1) !== 0
+      if (
+        large
+          ? (eLo & rsvdLargeLo[level]!) !== 0 || (eHi & rsvdHiLarge[level]!) !== 0
+          : (eLo & rsvdLo[level]!) !== 0 || (eHi & rsvdHi[level]!) !== 0
+      ) {
         return pageFault(ctx, res, la, kind, user, PFERR_P | PFERR_RSVD)
       }
       rw &= (eLo >>> 1) & 1
       us &= (eLo >>> 2) & 1
       if (nxe) xd |= eHi >>> 31
-      res.pathPa[level] = hea
-      res.pathGpa[level] = ea
-      res.pathLo[level] = eLo
-      res.pathHi[level] = eHi
-      if (level === 1 || large) {
-        leafLevel = level
-        break
-      }
-      if (aOnDescent && (eLo & PTE_A) === 0) {
-        // Hardware sets A on each entry it uses as it descends (locked RMW).
-        if (nested !== null && !nested.ptAccessIsWrite && nested.translate(ea, ACC_WRITE, false, res) < 0) return WALK_EXIT
-        const nLo = (eLo | PTE_A) >>> 0
-        if (!mem.cmpxchg64(hea, eLo, eHi, nLo, eHi)) {
-          res.restarts++
-          continue restart
-        }
-        res.adWrites++
-        eLo = nLo
-        res.pathLo[level] = nLo
+      pathPa[level] = hea
+      pathGpa[level] = ea
+      pathLo[level] = eLo
+      pathHi[level] = eHi
+      if (level === 1 || large) break
+      if ((eLo & PTE_A) === 0) {
+        if (aOnDescent) {
+          // Hardware sets A on each entry it uses as it descends (locked RMW).
+          if (nested !== null && !nested.ptAccessIsWrite && nested.translate(ea, ACC_WRITE, false, res) < 0) return WALK_EXIT
+          const nLo = (eLo | PTE_A) >>> 0
+          if (!mem.cmpxchg64(hea, eLo, eHi, nLo, eHi)) {
+            res.restarts++
+            continue restart
+          }
+          res.adWrites++
+          eLo = nLo
+          pathLo[level] = nLo
+        } else adPending = true
       }
       table = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32
       level--
     }
+    const leafLevel = level
 
     const pkey = ctx.pke || ctx.pks ? (eHi >>> HI_PK_SHIFT) & 0xf : 0
     const denied = rightsFault(ctx, state, kind, user, implicit, rw, us, xd, pkey)
     if (denied !== 0) return pageFault(ctx, res, la, kind, user, denied)
 
-    // Final guest-physical address.
+    // Final guest-physical address (`la & mask` is exact: bitwise ops see la's low 32 bits).
     let gpa: number
-    if (leafLevel === 1) gpa = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32 + (laLo & 0xfff)
-    else if (leafLevel === 2) gpa = ((eLo & 0xffe00000) >>> 0) + (eHi & hiAddr) * TWO32 + (laLo & 0x1fffff)
-    else gpa = ((eLo & 0xc0000000) >>> 0) + (eHi & hiAddr) * TWO32 + (laLo & 0x3fffffff)
+    if (leafLevel === 1) gpa = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32 + (la & 0xfff)
+    else if (leafLevel === 2) gpa = ((eLo & 0xffe00000) >>> 0) + (eHi & hiAddr) * TWO32 + (la & 0x1fffff)
+    else gpa = ((eLo & 0xc0000000) >>> 0) + (eHi & hiAddr) * TWO32 + (la & 0x3fffffff)
     res.gpa = gpa
     res.rw = rw
     res.us = us
@@ -196,26 +199,29 @@ export function walk(
     } else res.pa = gpa
 
     // A/D updates, top-down, as locked compare-and-exchange; restart the walk if an entry changed.
-    const top = startLevel > 0 ? startLevel : ctx.levels
-    for (let l = top; l >= leafLevel; l--) {
-      const lo = res.pathLo[l]!
-      let want = lo | PTE_A
-      if (l === leafLevel && kind === ACC_WRITE) want |= PTE_D
-      want >>>= 0
-      if (want === lo) continue
-      const hea = res.pathPa[l]!
-      if (nested !== null && !nested.ptAccessIsWrite) {
-        // The A/D write is a write to the guest paging structure: it needs nested write permission.
-        if (nested.translate(res.pathGpa[l]!, ACC_WRITE, false, res) < 0) return WALK_EXIT
+    // Skipped outright when no entry changes (the common case: A already set, D set or a read).
+    let leafLo = eLo
+    if (adPending || (eLo & PTE_A) === 0 || (kind === ACC_WRITE && (eLo & PTE_D) === 0)) {
+      for (let l = top; l >= leafLevel; l--) {
+        const lo = pathLo[l]!
+        let want = lo | PTE_A
+        if (l === leafLevel && kind === ACC_WRITE) want |= PTE_D
+        want >>>= 0
+        if (want === lo) continue
+        const hea = pathPa[l]!
+        if (nested !== null && !nested.ptAccessIsWrite) {
+          // The A/D write is a write to the guest paging structure: it needs nested write permission.
+          if (nested.translate(pathGpa[l]!, ACC_WRITE, false, res) < 0) return WALK_EXIT
+        }
+        if (!mem.cmpxchg64(hea, lo, pathHi[l]!, want, pathHi[l]!)) {
+          res.restarts++
+          continue restart
+        }
+        res.adWrites++
+        pathLo[l] = want
       }
-      if (!mem.cmpxchg64(hea, lo, res.pathHi[l]!, want, res.pathHi[l]!)) {
-        res.restarts++
-        continue restart
-      }
-      res.adWrites++
-      res.pathLo[l] = want
+      leafLo = pathLo[leafLevel]!
     }
-    const leafLo = res.pathLo[leafLevel]!
     res.dirty = (leafLo & PTE_D) !== 0 ? 1 : 0
     res.global = ctx.pge && (leafLo & PTE_G) !== 0 ? 1 : 0
     return (res.status = WALK_OK)

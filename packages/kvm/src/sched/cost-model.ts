@@ -61,6 +61,15 @@ export interface CostModel {
    * slice since Linux 6.6 is 0.75 ms (sysctl_sched_base_slice = 750000 ns).
    */
   readonly schedSlice: number
+  /**
+   * One guest data access that hits the TLB: ~4–5 cycles of L1 load-use latency plus address
+   * generation at 3 GHz ≈ 1.5 ns; 1 ns (estimate). Walk references add `memoryRef` each.
+   */
+  readonly guestAccess: number
+  /** One PAUSE in a guest spin loop: ~140 cycles on Skylake and later (Intel optimization manual) ≈ 40 ns. */
+  readonly pause: number
+  /** Sending an IPI from the guest with APICv / posted interrupts (no exit): ~0.5 µs ICR write + delivery (estimate). */
+  readonly ipiSend: number
 }
 
 /** The defaults documented on {@link CostModel}. */
@@ -78,6 +87,9 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   rcuGracePeriod: 1_000_000,
   contextSwitch: 1500,
   schedSlice: 750_000,
+  guestAccess: 1,
+  pause: 40,
+  ipiSend: 500,
 })
 
 /**

@@ -1,0 +1,266 @@
+import { type CpuFeatures, type GuestProgram, type InterruptHandler, makeFeatures, type TlbConfig } from '@mmusim/x86-hw'
+import { KvmError } from './errors.ts'
+import { GuestMemory } from './guest-memory.ts'
+import { HostMemory } from './host-memory.ts'
+import { KvmVcpu } from './kvm-vcpu.ts'
+import { type Memslot, type MemslotChange, Memslots, type UserMemoryRegion } from './memslot.ts'
+import { KvmMmuNotifier, type MmuNotifierListener, MmuNotifierState } from './mmu-notifier.ts'
+import { KVM_REQ_TLB_FLUSH } from './requests.ts'
+import { type ChaosOptions, type CostModel, type KernelOp, Mutex, Rcu, type RunResult, RwLock, Scheduler } from './sched/index.ts'
+import { VmStats } from './stats.ts'
+import { assertMmuStrategy, type MmuInstance, type MmuStrategy, parseStrategyOptions } from './strategy.ts'
+
+/** Options of a {@link Vm}. */
+export interface VmOptions {
+  /** The MMU strategy plugin and its (unvalidated) options. */
+  strategy: MmuStrategy<never> | MmuStrategy
+  strategyOptions?: unknown
+  /** Number of vCPUs. @default 1 */
+  vcpus?: number
+  /** Guest CPU features (CPUID). */
+  features?: Partial<CpuFeatures>
+  /** Host physical memory in bytes (lazily backed). @default 4 GiB */
+  hostMemBytes?: number
+  tlb?: Partial<TlbConfig>
+  /** Cost model overrides (simulated nanoseconds). */
+  costs?: Partial<CostModel>
+  /** Chaos scheduling (seeded PCT) instead of earliest-clock-first. */
+  chaos?: ChaosOptions
+  /** Record the schedule (thread id per step) for interleaving comparisons. */
+  recordTrace?: boolean
+}
+
+/** The base HVA at which {@link Vm.addMemory} places guest memory (like a VMM's mmap). */
+export const GUEST_HVA_BASE = 0x7f0000000000 - 2 ** 40
+
+/**
+ * A virtual machine: the KVM core state every MMU strategy plugs into — memslots per address
+ * space, host memory with MMU notifiers, mmu_lock / slots_lock / RCU on a deterministic scheduler
+ * in simulated time, VM stats, vCPUs with requests and the run loop, and the strategy instance.
+ */
+export class Vm {
+  readonly sched: Scheduler
+  /** kvm->mmu_lock. */
+  readonly mmuLock: RwLock
+  /** kvm->slots_lock. */
+  readonly slotsLock: Mutex
+  readonly rcu: Rcu
+  readonly host: HostMemory
+  readonly memslots: Memslots
+  /** mmu_invalidate_seq / in_progress / range. */
+  readonly notifierState = new MmuNotifierState()
+  readonly notifier: KvmMmuNotifier
+  readonly stats = new VmStats()
+  readonly features: CpuFeatures
+  readonly vcpus: KvmVcpu[] = []
+  readonly mmu: MmuInstance
+  readonly strategy: MmuStrategy
+  /** The guest OS's interrupt table (vector → handler), shared by every vCPU. */
+  idt: (InterruptHandler | undefined)[] = []
+  /** Guest memory view of address space 0 (used by the core's emulator; MMUs may make their own). */
+  readonly guestMem: GuestMemory
+  private readonly tlbConfig: Partial<TlbConfig> | undefined
+  private nextHva = GUEST_HVA_BASE
+  /** Page-table pages the MMU holds (allocMmuPage − freeMmuPage). */
+  mmuPagesLive = 0
+  mmuPagesAllocated = 0
+  destroyed = false
+
+  constructor(options: VmOptions) {
+    assertMmuStrategy(options.strategy, 'VmOptions.strategy')
+    const strategy = options.strategy as MmuStrategy
+    const strategyOptions = parseStrategyOptions(strategy, options.strategyOptions)
+    this.features = makeFeatures(options.features)
+    this.sched = new Scheduler({ costs: options.costs, chaos: options.chaos, recordTrace: options.recordTrace ?? false })
+    this.mmuLock = new RwLock(this.sched, 'mmu_lock')
+    this.slotsLock = new Mutex(this.sched, 'slots_lock')
+    this.rcu = new Rcu(this.sched)
+    this.host = new HostMemory({ sizeBytes: options.hostMemBytes ?? 4 * 2 ** 30 })
+    this.memslots = new Memslots()
+    this.guestMem = new GuestMemory(this.memslots, this.host)
+    this.tlbConfig = options.tlb
+    this.strategy = strategy
+    this.mmu = strategy.create(this, strategyOptions)
+    this.notifier = new KvmMmuNotifier(this.memslots, this.notifierListener(), this.notifierState)
+    this.host.registerNotifier(this.notifier)
+    const n = options.vcpus ?? 1
+    if (!Number.isInteger(n) || n < 1 || n > 64) throw new KvmError('EINVAL', `vcpus must be an integer from 1 to 64; got ${String(n)}`)
+    for (let i = 0; i < n; i++) this.createVcpu()
+  }
+
+  /** KVM_CREATE_VCPU. */
+  createVcpu(): KvmVcpu {
+    const v = new KvmVcpu(this, this.vcpus.length, this.tlbConfig)
+    this.vcpus.push(v)
+    this.mmu.vcpuCreate(v)
+    return v
+  }
+
+  // ------------------------------------------------------------------ memory
+
+  /**
+   * Convenience for a VMM: mmap `bytes` of anonymous host memory (THP if asked) and register it as
+   * memslot `slot` at `gpa` in address space `asId`. Returns the memslot change.
+   */
+  addMemory(gpa: number, bytes: number, options: { slot?: number; asId?: number; thp?: boolean; flags?: number; readonly?: boolean } = {}): MemslotChange {
+    const align = 2 ** 30
+    const hva = Math.ceil(this.nextHva / align) * align + (gpa % align)
+    this.host.mmap(hva, bytes, { thp: options.thp ?? false, readonly: options.readonly ?? false })
+    this.nextHva = hva + bytes
+    const set = this.memslots.space(options.asId ?? 0)
+    let free = 0
+    while (set.byId.has(free)) free++
+    return this.setUserMemoryRegion({
+      slot: options.slot ?? free,
+      asId: options.asId ?? 0,
+      flags: options.flags ?? 0,
+      guestPhysAddr: gpa,
+      memorySize: bytes,
+      userspaceAddr: hva,
+    })
+  }
+
+  /**
+   * KVM_SET_USER_MEMORY_REGION from userspace: validated first (a rejected request changes
+   * nothing), then the MMU is told (kvm_arch_flush_shadow_memslot / commit_memory_region) on a
+   * kernel thread holding slots_lock. Runs the scheduler until that thread is done.
+   */
+  setUserMemoryRegion(region: UserMemoryRegion): MemslotChange {
+    const change = this.memslots.setUserMemoryRegion(region)
+    if (change.kind !== 'none') {
+      this.runKernel('set_memory_region', function* (this: Vm): KernelOp {
+        yield* this.slotsLock.lock()
+        try {
+          yield* this.mmu.memslotChanged(change)
+        } finally {
+          this.slotsLock.unlock()
+        }
+      }.bind(this))
+    }
+    return change
+  }
+
+  /** Run one kernel operation to completion on its own thread (from "userspace", outside a run). */
+  runKernel<R>(name: string, fn: () => KernelOp<R>): R {
+    const t = this.sched.spawn(name, fn, { startTime: this.sched.now })
+    this.sched.run()
+    if (t.state === 'failed') throw t.error
+    return t.result as R
+  }
+
+  /** Allocate a zeroed host page for an MMU page table; returns its host-physical address. */
+  allocMmuPage(): number {
+    const f = this.host.frames.alloc()
+    if (f < 0) throw new KvmError('ENOMEM', 'host memory exhausted allocating an MMU page table; give the VM more hostMemBytes')
+    this.mmuPagesLive++
+    this.mmuPagesAllocated++
+    this.sched.charge(this.sched.costs.pageAlloc)
+    return f * 4096
+  }
+
+  /** Free an MMU page table; it is poisoned so any stale use throws at once. */
+  freeMmuPage(hpa: number): void {
+    this.host.frames.free(hpa / 4096, { poison: true })
+    this.mmuPagesLive--
+  }
+
+  // ------------------------------------------------------------------ TLB flushes and requests
+
+  /** kvm_make_all_cpus_request(). */
+  makeAllCpusRequest(req: number): void {
+    for (const v of this.vcpus) v.makeRequest(req)
+  }
+
+  /**
+   * kvm_flush_remote_tlbs(): every vCPU flushes its TLB before it next runs guest code
+   * (KVM_REQ_TLB_FLUSH with wait; a vCPU services requests before each guest instruction here,
+   * which is the kick). Counted in remote_tlb_flush(_requests).
+   */
+  flushRemoteTlbs(): void {
+    this.stats.remote_tlb_flush_requests++
+    this.stats.remote_tlb_flush++
+    this.makeAllCpusRequest(KVM_REQ_TLB_FLUSH)
+    if (this.sched.current !== null) this.sched.charge(this.sched.costs.tlbFlushIpi)
+  }
+
+  // ------------------------------------------------------------------ host-side events
+
+  /**
+   * Run a host-side memory operation (munmap, mprotect, migrate, THP split, age) as a kernel
+   * thread at simulated time `at`, holding mmu_lock for write around the MMU-notifier callbacks
+   * (x86 takes it exclusively for unmap/age). A vCPU fault that snapshotted mmu_invalidate_seq
+   * before it will retry.
+   */
+  hostOp(name: string, at: number, op: (host: HostMemory) => void): void {
+    this.sched.spawn(
+      `host:${name}`,
+      function* (this: Vm): KernelOp {
+        yield* this.mmuLock.writeLock()
+        try {
+          op(this.host)
+        } finally {
+          this.mmuLock.writeUnlock()
+        }
+      }.bind(this),
+      { startTime: at },
+    )
+  }
+
+  private notifierListener(): MmuNotifierListener {
+    return {
+      unmapGfnRange: (asId, slot, s, e) => {
+        this.mmuLock.assertHeld('write')
+        return this.mmu.unmapGfnRange(asId, slot, s, e)
+      },
+      ageGfnRange: (asId, slot, s, e) => {
+        this.mmuLock.assertHeld('write')
+        return this.mmu.ageGfnRange(asId, slot, s, e)
+      },
+      testAgeGfn: (asId, slot, s, e) => {
+        this.mmuLock.assertHeld('write')
+        return this.mmu.testAgeGfn(asId, slot, s, e)
+      },
+      flushRemoteTlbs: () => {
+        this.flushRemoteTlbs()
+      },
+    }
+  }
+
+  // ------------------------------------------------------------------ running guests
+
+  /** Start a guest program on vCPU `cpu` (its main program; interrupts use `vm.idt`). */
+  spawnGuest(cpu: number, program: GuestProgram): void {
+    const v = this.vcpus[cpu]
+    if (v === undefined) throw new KvmError('EINVAL', `no vCPU ${String(cpu)}; the VM has ${String(this.vcpus.length)}`)
+    v.start(program)
+  }
+
+  /** KVM_RUN on every started vCPU until their programs finish (or `until` simulated ns). */
+  run(options: { until?: number; maxSteps?: number } = {}): RunResult {
+    const r = this.sched.run(options)
+    for (const t of this.sched.allThreads) {
+      if (t.state === 'failed') throw t.error
+    }
+    return r
+  }
+
+  /** Look up the memslot of `gfn` in address space `asId`. */
+  gfnToMemslot(asId: number, gfn: number): Memslot | null {
+    return this.memslots.gfnToMemslot(asId, gfn)
+  }
+
+  /** Tear the VM down: the MMU frees everything; then no MMU page may remain (asserted). */
+  destroy(): void {
+    if (this.destroyed) return
+    for (const v of this.vcpus) {
+      this.runKernel(`vcpu${String(v.id)}:destroy`, () => this.mmu.unload(v))
+    }
+    this.runKernel('vm:destroy', () => this.mmu.destroy())
+    this.runKernel('rcu_barrier', () => this.rcu.barrier())
+    this.host.unregisterNotifier(this.notifier)
+    this.destroyed = true
+    if (this.mmuPagesLive !== 0) {
+      throw new KvmError('EBUSY', `VM destroyed with ${String(this.mmuPagesLive)} MMU page tables still allocated: the strategy leaked them`)
+    }
+  }
+}
