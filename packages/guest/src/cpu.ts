@@ -26,11 +26,11 @@ import {
   RES_OK,
   RES_PF,
 } from '@mmusim/x86-hw'
-import { GuestError } from './errors.js'
-import { handleMmFault } from './fault.js'
-import type { GuestOs } from './guest-os.js'
-import { NR_DYN_ASIDS } from './layout.js'
-import type { Mm } from './mm.js'
+import { GuestError } from './errors.ts'
+import { handleMmFault } from './fault.ts'
+import type { GuestOs } from './guest-os.ts'
+import { NR_DYN_ASIDS } from './layout.ts'
+import type { Mm } from './mm.ts'
 
 /** A generator run by a vCPU: yields ops, receives RES_* statuses, returns `T`. Every kernel routine and guest program is one. */
 export type Routine<T = void> = Generator<GuestOp, T, number>

@@ -1,9 +1,9 @@
 import { HI_XD, PFERR_I, PFERR_W, PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW, PTE_US } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from './cpu.js'
-import { GuestError } from './errors.js'
-import { alignDown, entryHi, entryLo, entryPa, FRAMES_PER_2M, PAGE_2M, PAGE_4K, PAGE_TABLE_LO, PROT_EXEC, PTE_PROTNONE, PROT_READ, PROT_WRITE, SWAP_PTE_MARK } from './layout.js'
-import { kassert, type Mm, ptepModify, pteOffset, type Vma, walkStoppedAt } from './mm.js'
-import { flushTlbMmRange } from './tlb-flush.js'
+import type { Cpu, Routine } from './cpu.ts'
+import { GuestError } from './errors.ts'
+import { alignDown, entryHi, entryLo, entryPa, FRAMES_PER_2M, PAGE_2M, PAGE_4K, PAGE_TABLE_LO, PROT_EXEC, PTE_PROTNONE, PROT_READ, PROT_WRITE, SWAP_PTE_MARK } from './layout.ts'
+import { kassert, type Mm, ptepModify, pteOffset, type Vma, walkStoppedAt } from './mm.ts'
+import { flushTlbMmRange } from './tlb-flush.ts'
 
 /*
  * The guest's page-fault handler, after mm/memory.c and mm/huge_memory.c: demand paging of

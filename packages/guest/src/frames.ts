@@ -1,5 +1,5 @@
-import { GuestError } from './errors.js'
-import { FRAMES_PER_2M } from './layout.js'
+import { GuestError } from './errors.ts'
+import { FRAMES_PER_2M } from './layout.ts'
 
 /** One vCPU's share of free physical memory: 4 KiB frames grow up from `lo`, 2 MiB chunks down from `hi`. */
 class Pool {

@@ -1,12 +1,12 @@
 import { ACC_READ, CpuState, Machine, PagingContext, walk, WALK_OK, WalkResult } from '@mmusim/x86-hw'
 import { describe, expect, it } from 'vitest'
-import type { Cpu, Routine } from './cpu.js'
-import { GuestOs, type GuestOsOptions, textWord } from './guest-os.js'
-import { DIRECT_MAP_BASE_4L, DIRECT_MAP_BASE_5L, KERNEL_TEXT_BASE, PAGE_2M, PAGE_4K } from './layout.js'
-import { clearYoung, collapseHugePage, exec, exitProcess, fork, madviseDontneed, mmap, munmap, splitHugePage, swapOut, testYoung } from './mm-ops.js'
-import type { Mm } from './mm.js'
-import { collectResult, type RunResult } from './run.js'
-import { switchMm } from './tlb-flush.js'
+import type { Cpu, Routine } from './cpu.ts'
+import { GuestOs, type GuestOsOptions, textWord } from './guest-os.ts'
+import { DIRECT_MAP_BASE_4L, DIRECT_MAP_BASE_5L, KERNEL_TEXT_BASE, PAGE_2M, PAGE_4K } from './layout.ts'
+import { clearYoung, collapseHugePage, exec, exitProcess, fork, madviseDontneed, mmap, munmap, splitHugePage, swapOut, testYoung } from './mm-ops.ts'
+import type { Mm } from './mm.ts'
+import { collectResult, type RunResult } from './run.ts'
+import { switchMm } from './tlb-flush.ts'
 
 /** Build a machine + OS, run `program` on every vCPU, return the result. */
 function run(vcpus: number, program: (cpu: Cpu, m: Machine) => Routine, opts: GuestOsOptions = {}, memBytes = 32 * 2 ** 20): RunResult {

@@ -24,9 +24,9 @@ import {
   PTE_PS,
   PTE_RW,
 } from '@mmusim/x86-hw'
-import { Cpu, type CpuCounters, type Routine } from './cpu.js'
-import { GuestError } from './errors.js'
-import { FramePools, type FrameStats } from './frames.js'
+import { Cpu, type CpuCounters, type Routine } from './cpu.ts'
+import { GuestError } from './errors.ts'
+import { FramePools, type FrameStats } from './frames.ts'
 import {
   DIRECT_MAP_BASE_4L,
   DIRECT_MAP_BASE_5L,
@@ -42,9 +42,9 @@ import {
   USER_TOP_4L,
   USER_TOP_5L,
   VECTOR_TLB_SHOOTDOWN,
-} from './layout.js'
-import { Mm } from './mm.js'
-import { shootdownHandler, switchMm } from './tlb-flush.js'
+} from './layout.ts'
+import { Mm } from './mm.ts'
+import { shootdownHandler, switchMm } from './tlb-flush.ts'
 
 /** Configuration of a {@link GuestOs}. */
 export interface GuestOsOptions {

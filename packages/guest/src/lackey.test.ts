@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
 import { afterAll, describe, expect, it } from 'vitest'
-import { GuestError } from './errors.js'
+import { GuestError } from './errors.ts'
 import {
   LACKEY_INSTR,
   LACKEY_LOAD,
@@ -17,8 +17,8 @@ import {
   parseLackeyLine,
   readLackeyTrace,
   summarizeLackeyTrace,
-} from './lackey.js'
-import { Prng } from './prng.js'
+} from './lackey.ts'
+import { Prng } from './prng.ts'
 
 const FIXTURE = fileURLToPath(new URL('./__fixtures__/lackey-true.txt', import.meta.url))
 const FIXTURE_TEXT = readFileSync(FIXTURE, 'utf8')

@@ -1,6 +1,6 @@
 import { createReadStream } from 'node:fs'
 import { StringDecoder } from 'node:string_decoder'
-import { GuestError } from './errors.js'
+import { GuestError } from './errors.ts'
 
 /*
  * Reader for the memory traces of valgrind's lackey tool (`valgrind --tool=lackey --trace-mem=yes`).

@@ -1,8 +1,8 @@
 import { CR0_WP, HI_XD, PFERR_U, PFERR_W, PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from './cpu.js'
-import { GuestError } from './errors.js'
-import { handleMmFault, putPage, splitHugePmd, swapFree, swapPte, swapSlotOf, thpFits, userHi, userLoFlags } from './fault.js'
-import type { Task } from './guest-os.js'
+import type { Cpu, Routine } from './cpu.ts'
+import { GuestError } from './errors.ts'
+import { handleMmFault, putPage, splitHugePmd, swapFree, swapPte, swapSlotOf, thpFits, userHi, userLoFlags } from './fault.ts'
+import type { Task } from './guest-os.ts'
 import {
   alignDown,
   entryLo,
@@ -18,9 +18,9 @@ import {
   ptIndex,
   SWAP_PTE_MARK,
   USER_MMAP_BASE,
-} from './layout.js'
-import { kassert, type Mm, modifyOldHi, nextBlockAfterMiss, ptepGetAndClear, ptepModify, pteOffset, type Vma } from './mm.js'
-import { flushTlbMmRange, switchMm } from './tlb-flush.js'
+} from './layout.ts'
+import { kassert, type Mm, modifyOldHi, nextBlockAfterMiss, ptepGetAndClear, ptepModify, pteOffset, type Vma } from './mm.ts'
+import { flushTlbMmRange, switchMm } from './tlb-flush.ts'
 
 /*
  * The memory system calls and kernel services, after mm/mmap.c, mm/mprotect.c, mm/madvise.c,

@@ -1,7 +1,7 @@
 import { PTE_P, PTE_PS } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from './cpu.js'
-import { GuestError } from './errors.js'
-import { entryHi, entryLo, entryPa, levelSize, PAGE_TABLE_LO, ptIndex } from './layout.js'
+import type { Cpu, Routine } from './cpu.ts'
+import { GuestError } from './errors.ts'
+import { entryHi, entryLo, entryPa, levelSize, PAGE_TABLE_LO, ptIndex } from './layout.ts'
 
 /** A virtual memory area (Linux `struct vm_area_struct`): [start, end), PROT_* bits, and whether THP may back it. */
 export interface Vma {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
-import { GuestError } from './errors.js'
-import { Prng } from './prng.js'
+import { GuestError } from './errors.ts'
+import { Prng } from './prng.ts'
 
 function draws(p: Prng, n: number): number[] {
   return Array.from({ length: n }, () => p.nextU32())

@@ -1,4 +1,4 @@
-import { GuestError } from './errors.js'
+import { GuestError } from './errors.ts'
 
 /*
  * Seeded, deterministic PRNG for guest programs and workloads.

@@ -1,7 +1,7 @@
 import { type AccessObserver, Machine, type MachineOptions } from '@mmusim/x86-hw'
-import type { Cpu, CpuCounters, Routine } from './cpu.js'
-import type { FrameStats } from './frames.js'
-import { GuestOs, type GuestOsOptions, type OsStats } from './guest-os.js'
+import type { Cpu, CpuCounters, Routine } from './cpu.ts'
+import type { FrameStats } from './frames.ts'
+import { GuestOs, type GuestOsOptions, type OsStats } from './guest-os.ts'
 
 /** Options of {@link runGuest}: the machine's and the guest OS's. */
 export interface RunGuestOptions extends GuestOsOptions {

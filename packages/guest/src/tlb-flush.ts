@@ -1,7 +1,7 @@
 import { CR4_PGE, type GuestOp, type GuestProgram, OP_INVLPG, OP_MOV_CR3, OP_MOV_CR4, OP_INVPCID } from '@mmusim/x86-hw'
-import type { Cpu, FlushRequest, Routine } from './cpu.js'
-import { FLUSH_CEILING_PAGES, NR_DYN_ASIDS, PAGE_4K, VECTOR_TLB_SHOOTDOWN } from './layout.js'
-import type { Mm } from './mm.js'
+import type { Cpu, FlushRequest, Routine } from './cpu.ts'
+import { FLUSH_CEILING_PAGES, NR_DYN_ASIDS, PAGE_4K, VECTOR_TLB_SHOOTDOWN } from './layout.ts'
+import type { Mm } from './mm.ts'
 
 /*
  * The guest's TLB discipline, after arch/x86/mm/tlb.c: PCID-tagged address spaces with per-CPU

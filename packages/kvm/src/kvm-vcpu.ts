@@ -251,6 +251,7 @@ export class KvmVcpu {
     g.lastStatus = RES_OK
     switch (op.kind) {
       case OP_PAUSE:
+        this.vm.sched.yieldHint()
         return this.vm.sched.costs.pause
       case OP_WORK:
         return op.lo

@@ -20,6 +20,8 @@ export class GuestThread {
   done = false
   /** True while halted (HLT) waiting for an interrupt. */
   halted = false
+  /** Status owed to the interrupted main program, saved while a handler runs. */
+  private savedStatus = RES_OK
   /** Ops stepped (for runaway detection). */
   steps = 0
   interruptsDelivered = 0
@@ -71,6 +73,8 @@ export class GuestThread {
         this.stack.push(handler(this.cpu, vector))
         this.interruptsDelivered++
         this.halted = false
+        // The interrupted program must later receive the status of its own last op.
+        this.savedStatus = this.lastStatus
         this.lastStatus = RES_OK
       }
       if (this.halted) return null
@@ -79,7 +83,7 @@ export class GuestThread {
       this.steps++
       if (r.done === true) {
         this.stack.pop()
-        this.lastStatus = RES_OK
+        this.lastStatus = this.stack.length === 1 ? this.savedStatus : RES_OK
         if (this.stack.length === 0) {
           this.done = true
           return null

@@ -73,24 +73,26 @@ export class PhysMem {
   locate(pa: number): number {
     // `!(pa < size)` also catches NaN. Below sizeBytes (≤ 2^42) the frame number is < 2^30, so
     // `>>> 0` truncates exactly like Math.floor and stays a small integer for the lookups.
-    if (!(pa < this.sizeBytes) || pa < 0) return LOC_OPEN_BUS
-    const frame = (pa / PAGE_SIZE) >>> 0
+    // Literals, not the module constants: V8 reloads a module binding at every use in hot code.
+    if (!(pa < this.sizeBytes) || pa < 0) return -2 // LOC_OPEN_BUS
+    const frame = (pa * (1 / 4096)) >>> 0
     const s = this.slotOf[frame]!
     if (s <= 0) {
       if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'read', pa)
-      return LOC_ZERO
+      return -1 // LOC_ZERO
     }
     const slot = s - 1
-    this.locBuf = this.chunks[slot >>> CHUNK_SHIFT]!
-    // `pa & 0xfff` is exact for any integer pa: bitwise ops see its low 32 bits.
-    return ((slot & (CHUNK_FRAMES - 1)) << 10) | ((pa & 0xfff) >>> 2)
+    this.locBuf = this.chunks[slot >>> 14]! // CHUNK_SHIFT
+    // Word index: slot's offset in its chunk (CHUNK_FRAMES - 1 = 0x3fff) plus the word in the frame;
+    // `pa & 0xfff` is exact for any integer pa (bitwise ops see its low 32 bits).
+    return ((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)
   }
 
   /** Read the 32-bit word at `pa` (4-byte aligned). */
   read32(pa: number): number {
     const w = this.locate(pa)
     if (w >= 0) return this.locBuf[w]!
-    return w === LOC_ZERO ? 0 : OPEN_BUS
+    return w === -1 ? 0 : 0xffffffff // LOC_ZERO reads 0, LOC_OPEN_BUS all ones
   }
 
   /**
@@ -104,7 +106,7 @@ export class PhysMem {
       this.hi64 = buf[w + 1]!
       return buf[w]!
     }
-    const v = w === LOC_ZERO ? 0 : OPEN_BUS
+    const v = w === -1 ? 0 : 0xffffffff // LOC_ZERO reads 0, LOC_OPEN_BUS all ones
     this.hi64 = v
     return v
   }
@@ -115,7 +117,7 @@ export class PhysMem {
   /** Write the 32-bit word at `pa` (4-byte aligned). */
   write32(pa: number, value: number): void {
     if (!(pa < this.sizeBytes) || pa < 0) return
-    const frame = (pa / PAGE_SIZE) >>> 0 // exact: see locate
+    const frame = (pa * (1 / 4096)) >>> 0 // exact: see locate
     let s = this.slotOf[frame]!
     if (s <= 0) {
       if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'write', pa)
@@ -123,7 +125,7 @@ export class PhysMem {
       s = this.back(frame)
     }
     const slot = s - 1
-    this.chunks[slot >>> CHUNK_SHIFT]![((slot & (CHUNK_FRAMES - 1)) << 10) | ((pa & 0xfff) >>> 2)] = value
+    this.chunks[slot >>> 14]![((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)] = value // as in locate
   }
 
   /** Write a 64-bit entry as two halves. */

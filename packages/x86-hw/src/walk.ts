@@ -20,9 +20,9 @@ import { HwConfigError } from './errors.ts'
 import type { PhysMem } from './phys-mem.ts'
 import { WALK_EXIT, WALK_GP, WALK_OK, WALK_PF, type WalkResult, type WalkStatus } from './walk-result.ts'
 
+// Hot code below writes 2^32 and the PTE bits it tests as literals: V8 reloads a module-level
+// binding (and an imported one through its cell) at every use, which costs in the walk loop.
 const TWO32 = 4294967296
-/** 2^-shift of the index bits of each level (1: 20:12 … 5: 56:48). */
-const INDEX_SCALE = new Float64Array([0, 2 ** -12, 2 ** -21, 2 ** -30, 2 ** -39, 2 ** -48])
 
 /**
  * Nested (second-dimension) translation of guest-physical addresses: EPT or NPT. The 1-D walker
@@ -118,9 +118,14 @@ export function walk(
   const pathLo = res.pathLo
   const pathHi = res.pathHi
   const top = startLevel > 0 ? startLevel : ctx.levels
+  // la * scale puts the index bits of a level at bit 0: 2^-12 at level 1, × 2^-9 per level up
+  // (exact powers of two; a multiply loop, as `2 ** n` with a variable n is a slow pow() call).
+  let topScale = 1 / 4096
+  for (let l = 1; l < top; l++) topScale *= 1 / 512
 
   restart: for (;;) {
     let level = top
+    let scale = topScale
     let table = startLevel > 0 ? startTable : ctx.root
     let rw = startRw
     let us = startUs
@@ -131,7 +136,7 @@ export function walk(
     let adPending = false
     for (;;) {
       // Index bits of this level: floor(la / 2^shift) & 511 is exact for signed canonical la.
-      const ea = table + (Math.floor(la * INDEX_SCALE[level]!) & 511) * 8
+      const ea = table + (Math.floor(la * scale) & 511) * 8
       let hea = ea
       if (nested !== null) {
         hea = nested.translate(ea, ptKind, false, res)
@@ -140,8 +145,8 @@ export function walk(
       eLo = mem.read64(hea)
       eHi = mem.hi64
       res.memRefs++
-      if ((eLo & PTE_P) === 0) return pageFault(ctx, res, la, kind, user, 0)
-      const large = (eLo & PTE_PS) !== 0 && ((largeLevels >>> level) & 1) !== 0
+      if ((eLo & 1) === 0) return pageFault(ctx, res, la, kind, user, 0) // PTE_P
+      const large = (eLo & 0x80) !== 0 && ((largeLevels >>> level) & 1) !== 0 // PTE_PS
       if (
         large
           ? (eLo & rsvdLargeLo[level]!) !== 0 || (eHi & rsvdHiLarge[level]!) !== 0
@@ -157,7 +162,7 @@ export function walk(
       pathLo[level] = eLo
       pathHi[level] = eHi
       if (level === 1 || large) break
-      if ((eLo & PTE_A) === 0) {
+      if ((eLo & 0x20) === 0) { // PTE_A
         if (aOnDescent) {
           // Hardware sets A on each entry it uses as it descends (locked RMW).
           if (nested !== null && !nested.ptAccessIsWrite && nested.translate(ea, ACC_WRITE, false, res) < 0) return WALK_EXIT
@@ -171,20 +176,21 @@ export function walk(
           pathLo[level] = nLo
         } else adPending = true
       }
-      table = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32
+      table = ((eLo & 0xfffff000) >>> 0) + (eHi & hiAddr) * 4294967296 // LO_ADDR_MASK, 2^32
       level--
+      scale *= 512
     }
     const leafLevel = level
 
-    const pkey = ctx.pke || ctx.pks ? (eHi >>> HI_PK_SHIFT) & 0xf : 0
+    const pkey = ctx.pke || ctx.pks ? (eHi >>> 27) & 0xf : 0 // HI_PK_SHIFT
     const denied = rightsFault(ctx, state, kind, user, implicit, rw, us, xd, pkey)
     if (denied !== 0) return pageFault(ctx, res, la, kind, user, denied)
 
     // Final guest-physical address (`la & mask` is exact: bitwise ops see la's low 32 bits).
     let gpa: number
-    if (leafLevel === 1) gpa = ((eLo & LO_ADDR_MASK) >>> 0) + (eHi & hiAddr) * TWO32 + (la & 0xfff)
-    else if (leafLevel === 2) gpa = ((eLo & 0xffe00000) >>> 0) + (eHi & hiAddr) * TWO32 + (la & 0x1fffff)
-    else gpa = ((eLo & 0xc0000000) >>> 0) + (eHi & hiAddr) * TWO32 + (la & 0x3fffffff)
+    if (leafLevel === 1) gpa = ((eLo & 0xfffff000) >>> 0) + (eHi & hiAddr) * 4294967296 + (la & 0xfff)
+    else if (leafLevel === 2) gpa = ((eLo & 0xffe00000) >>> 0) + (eHi & hiAddr) * 4294967296 + (la & 0x1fffff)
+    else gpa = ((eLo & 0xc0000000) >>> 0) + (eHi & hiAddr) * 4294967296 + (la & 0x3fffffff)
     res.gpa = gpa
     res.rw = rw
     res.us = us
@@ -201,7 +207,7 @@ export function walk(
     // A/D updates, top-down, as locked compare-and-exchange; restart the walk if an entry changed.
     // Skipped outright when no entry changes (the common case: A already set, D set or a read).
     let leafLo = eLo
-    if (adPending || (eLo & PTE_A) === 0 || (kind === ACC_WRITE && (eLo & PTE_D) === 0)) {
+    if (adPending || (eLo & 0x20) === 0 || (kind === 1 && (eLo & 0x40) === 0)) { // PTE_A; ACC_WRITE, PTE_D
       for (let l = top; l >= leafLevel; l--) {
         const lo = pathLo[l]!
         let want = lo | PTE_A

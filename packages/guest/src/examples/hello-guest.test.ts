@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { expect, it } from 'vitest'
-import { runHelloGuest } from './hello-guest.js'
+import { runHelloGuest } from './hello-guest.ts'
 
 it('the README example runs, and the README shows it verbatim', () => {
   expect(runHelloGuest()).toEqual({ accesses: 64, pageFaults: 32, mismatches: 0 })

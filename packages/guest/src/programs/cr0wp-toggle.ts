@@ -1,8 +1,8 @@
 import { PFERR_P, PFERR_W, RES_PF } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from '../cpu.js'
-import { KERNEL_TEXT_PAGES } from '../layout.js'
-import { kernelTextVa, patchKernelText } from '../mm-ops.js'
-import { flushTlbAllLocal } from '../tlb-flush.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import { KERNEL_TEXT_PAGES } from '../layout.ts'
+import { kernelTextVa, patchKernelText } from '../mm-ops.ts'
+import { flushTlbAllLocal } from '../tlb-flush.ts'
 
 /** Parameters of {@link cr0WpToggle}. */
 export interface Cr0WpToggleParams {

@@ -1,9 +1,9 @@
-import type { Cpu, Routine } from '../cpu.js'
-import type { Task } from '../guest-os.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import type { Task } from '../guest-os.ts'
 import { OP_READ, OP_WRITE } from '@mmusim/x86-hw'
-import { PAGE_4K, USER_MMAP_BASE } from '../layout.js'
-import { exitProcess, mmap } from '../mm-ops.js'
-import { switchMm } from '../tlb-flush.js'
+import { PAGE_4K, USER_MMAP_BASE } from '../layout.ts'
+import { exitProcess, mmap } from '../mm-ops.ts'
+import { switchMm } from '../tlb-flush.ts'
 
 /** Parameters of {@link contextSwitchRing}. */
 export interface ContextSwitchRingParams {

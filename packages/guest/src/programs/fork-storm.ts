@@ -1,9 +1,9 @@
-import type { Cpu, Routine } from '../cpu.js'
-import type { Task } from '../guest-os.js'
-import { PAGE_4K } from '../layout.js'
-import { exitProcess, fork, mmap } from '../mm-ops.js'
-import { Prng } from '../prng.js'
-import { switchMm } from '../tlb-flush.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import type { Task } from '../guest-os.ts'
+import { PAGE_4K } from '../layout.ts'
+import { exitProcess, fork, mmap } from '../mm-ops.ts'
+import { Prng } from '../prng.ts'
+import { switchMm } from '../tlb-flush.ts'
 
 /** Parameters of {@link forkStorm}. */
 export interface ForkStormParams {

@@ -1,10 +1,10 @@
 import type { AccessBatch } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from '../cpu.js'
-import type { Task } from '../guest-os.js'
-import { PAGE_2M } from '../layout.js'
-import { exitProcess, mmap, preallocTables } from '../mm-ops.js'
-import { Prng } from '../prng.js'
-import { switchMm } from '../tlb-flush.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import type { Task } from '../guest-os.ts'
+import { PAGE_2M } from '../layout.ts'
+import { exitProcess, mmap, preallocTables } from '../mm-ops.ts'
+import { Prng } from '../prng.ts'
+import { switchMm } from '../tlb-flush.ts'
 
 /** Parameters of {@link gups}. */
 export interface GupsParams {

@@ -1,12 +1,12 @@
 import type { AccessBatch } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from '../cpu.js'
-import { GuestError } from '../errors.js'
-import type { Task } from '../guest-os.js'
-import { PAGE_2M, PAGE_4K } from '../layout.js'
-import { mmap, populate, preallocTables } from '../mm-ops.js'
-import { Prng } from '../prng.js'
-import { exitProcess } from '../mm-ops.js'
-import { switchMm } from '../tlb-flush.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import { GuestError } from '../errors.ts'
+import type { Task } from '../guest-os.ts'
+import { PAGE_2M, PAGE_4K } from '../layout.ts'
+import { mmap, populate, preallocTables } from '../mm-ops.ts'
+import { Prng } from '../prng.ts'
+import { exitProcess } from '../mm-ops.ts'
+import { switchMm } from '../tlb-flush.ts'
 
 /** Parameters of {@link memstress} (KVM selftests' memstress options; defaults are small, not KVM's 1 GiB). */
 export interface MemstressParams {

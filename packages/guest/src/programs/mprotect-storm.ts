@@ -1,8 +1,8 @@
-import type { Cpu, Routine } from '../cpu.js'
-import type { Task } from '../guest-os.js'
-import { PAGE_2M, PAGE_4K, PROT_READ, PROT_WRITE } from '../layout.js'
-import { exitProcess, mmap, mprotect, munmap } from '../mm-ops.js'
-import { switchMm } from '../tlb-flush.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import type { Task } from '../guest-os.ts'
+import { PAGE_2M, PAGE_4K, PROT_READ, PROT_WRITE } from '../layout.ts'
+import { exitProcess, mmap, mprotect, munmap } from '../mm-ops.ts'
+import { switchMm } from '../tlb-flush.ts'
 
 /** Parameters of {@link mprotectStorm}. */
 export interface MprotectStormParams {

@@ -1,13 +1,13 @@
 import type { AccessObserver } from '@mmusim/x86-hw'
 import { describe, expect, it } from 'vitest'
-import type { Cpu, Routine } from '../cpu.js'
-import { runGuest, type RunGuestOptions, type RunResult } from '../run.js'
-import { contextSwitchRing } from './ctx-switch-ring.js'
-import { cr0WpToggle } from './cr0wp-toggle.js'
-import { forkStorm } from './fork-storm.js'
-import { gups } from './gups.js'
-import { memstress } from './memstress.js'
-import { mprotectStorm } from './mprotect-storm.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import { runGuest, type RunGuestOptions, type RunResult } from '../run.ts'
+import { contextSwitchRing } from './ctx-switch-ring.ts'
+import { cr0WpToggle } from './cr0wp-toggle.ts'
+import { forkStorm } from './fork-storm.ts'
+import { gups } from './gups.ts'
+import { memstress } from './memstress.ts'
+import { mprotectStorm } from './mprotect-storm.ts'
 
 const VCPUS = [1, 2, 4]
 

@@ -2,10 +2,10 @@ import { readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { Machine } from '@mmusim/x86-hw'
 import { describe, expect, it } from 'vitest'
-import { GuestError } from '../errors.js'
-import { GuestOs } from '../guest-os.js'
-import { runGuest } from '../run.js'
-import { loadLackeyBatches, streamLackeyReplay, traceReplay, TraceReplayState } from './trace-replay.js'
+import { GuestError } from '../errors.ts'
+import { GuestOs } from '../guest-os.ts'
+import { runGuest } from '../run.ts'
+import { loadLackeyBatches, streamLackeyReplay, traceReplay, TraceReplayState } from './trace-replay.ts'
 
 const FIXTURE = fileURLToPath(new URL('../__fixtures__/lackey-true.txt', import.meta.url))
 

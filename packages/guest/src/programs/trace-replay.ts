@@ -1,11 +1,11 @@
 import type { AccessBatch, Machine } from '@mmusim/x86-hw'
-import type { Cpu, Routine } from '../cpu.js'
-import { GuestError } from '../errors.js'
-import type { GuestOs, Task } from '../guest-os.js'
-import { LACKEY_INSTR, LACKEY_MODIFY, LACKEY_STORE, type LackeyBatch, type LackeyReadOptions, type LackeySource, readLackeyTrace } from '../lackey.js'
-import { PAGE_4K, PROT_EXEC, PROT_READ, PROT_WRITE } from '../layout.js'
-import { exitProcess, mmap } from '../mm-ops.js'
-import { switchMm } from '../tlb-flush.js'
+import type { Cpu, Routine } from '../cpu.ts'
+import { GuestError } from '../errors.ts'
+import type { GuestOs, Task } from '../guest-os.ts'
+import { LACKEY_INSTR, LACKEY_MODIFY, LACKEY_STORE, type LackeyBatch, type LackeyReadOptions, type LackeySource, readLackeyTrace } from '../lackey.ts'
+import { PAGE_4K, PROT_EXEC, PROT_READ, PROT_WRITE } from '../layout.ts'
+import { exitProcess, mmap } from '../mm-ops.ts'
+import { switchMm } from '../tlb-flush.ts'
 
 /**
  * State of a trace replay that persists across chunks: the process the trace runs in and a

@@ -1,5 +1,4 @@
 import { describe, expect, it } from 'vitest'
-import { GuestOp } from '@mmusim/x86-hw'
 import { createReference, diffGuestMemory, Vm } from '../index.ts'
 import { tinyGuest, type TinyResult } from '../testing/tiny-guest.ts'
 import { directMapStrategy } from './direct-map-strategy.ts'

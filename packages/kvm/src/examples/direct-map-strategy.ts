@@ -139,12 +139,24 @@ export const directMapStrategy = defineMmuStrategy({
       *resetContext() {
         // The EPT does not depend on the guest's paging mode.
       },
-      *newPgd() {},
-      *invalidateGva() {},
-      *invalidatePcid() {},
-      *syncRoots() {},
-      *flushTlbGuest() {},
-      *freeObsoleteRoots() {},
+      *newPgd() {
+        // Guest CR3 does not matter to a TDP MMU.
+      },
+      *invalidateGva() {
+        // The core already flushed the hardware TLB entry; EPT entries are not per-GVA.
+      },
+      *invalidatePcid() {
+        // Nothing cached per PCID.
+      },
+      *syncRoots() {
+        // Nothing is ever unsync in a TDP MMU.
+      },
+      *flushTlbGuest() {
+        // The core flushes the hardware context; no shadow state to sync.
+      },
+      *freeObsoleteRoots() {
+        // Roots never become obsolete here (no fast zap).
+      },
       *memslotChanged(change: MemslotChange) {
         const old = change.old
         if (old !== null && (change.kind === 'delete' || change.kind === 'move')) {
@@ -156,26 +168,32 @@ export const directMapStrategy = defineMmuStrategy({
       unmapGfnRange: (_asId: number, _slot: Memslot, s: number, e: number) => zapRange(s, e),
       ageGfnRange: () => false,
       testAgeGfn: () => false,
-      logDirtyPtMasked() {},
-      *trackWrite() {},
+      logDirtyPtMasked() {
+        // No dirty logging (capabilities.dirtyLog is false).
+      },
+      *trackWrite() {
+        // No gfn is write-tracked.
+      },
       isWriteTracked: () => false,
       *zapAll() {
         yield* vm.mmuLock.writeLock()
         for (let i = 0; i < epts.length; i++) {
-          const ept = epts[i]
-          if (ept === null || ept === undefined) continue
+          const ept = epts[i] ?? null
+          if (ept === null) continue
           freeEpt(ept)
           epts[i] = null
         }
         vm.mmuLock.writeUnlock()
       },
-      *changeMmuPages() {},
+      *changeMmuPages() {
+        // No page quota.
+      },
       *destroy() {
         yield* this.zapAll()
       },
       stats: () => ({ epts: epts.filter((e) => e !== null).length }),
       audit() {
-        const tables = epts.reduce((n, e) => n + (e === null || e === undefined ? 0 : e.tables.length + 1), 0)
+        const tables = epts.reduce((n, e) => n + (e === null ? 0 : e.tables.length + 1), 0)
         return tables === vm.mmuPagesLive ? [] : [`direct-map: ${String(tables)} tables owned but ${String(vm.mmuPagesLive)} MMU pages allocated`]
       },
     }

@@ -433,6 +433,23 @@ export class Scheduler {
     }
   }
 
+  /**
+   * A spin-wait hint from the current thread (PAUSE in a guest spin loop, sched_yield). In chaos
+   * mode PCT would otherwise let a spinning high-priority thread starve the thread it waits for
+   * (PCT assumes threads block); the hint drops it just below every other live thread. No effect
+   * in earliest-clock mode, where the spinner's clock advances anyway.
+   */
+  yieldHint(): void {
+    const t = this.cur
+    if (this.prng === null || t === null) return
+    let min = Infinity
+    for (let i = 0; i < this.live.length; i++) {
+      const o = this.live[i]!
+      if (o !== t && o.priority < min) min = o.priority
+    }
+    if (min !== Infinity && t.priority >= min) t.priority = min - 1
+  }
+
   private pick(until: number): Thread | null {
     let best: Thread | null = null
     const chaos = this.prng !== null
