@@ -29,10 +29,10 @@ function runOnBare(vm: Vm, program: Program) {
 
 /** [name, program, whether the guest's own behaviour is independent of vCPU timing]. */
 const programs: [string, Program, boolean][] = [
-  ['memstress', (cpu) => memstress(cpu, { iterations: 2, pagesPerVcpu: 64 }), true],
-  ['fork storm', (cpu) => forkStorm(cpu, { forks: 3 }), true],
+  ['memstress', (cpu) => memstress(cpu, { iterations: 2, bytesPerVcpu: 64 * 4096 }), true],
+  ['fork storm', (cpu) => forkStorm(cpu, { rounds: 3 }), true],
   // Which vCPUs are in the mm's cpumask when a flush is sent depends on timing (as in Linux).
-  ['mprotect storm', (cpu) => mprotectStorm(cpu, { rounds: 4 }), false],
+  ['mprotect storm', (cpu) => mprotectStorm(cpu, { iterations: 4 }), false],
   ['context-switch ring', (cpu) => contextSwitchRing(cpu, {}), true],
   ['CR0.WP toggle', (cpu) => cr0WpToggle(cpu, {}), true],
 ]
@@ -58,7 +58,7 @@ describe('the guest OS through the KVM run loop matches bare metal (direct-map s
 })
 
 describe('determinism of the scheduler at VM level', () => {
-  const program: Program = (cpu) => memstress(cpu, { iterations: 1, pagesPerVcpu: 32 })
+  const program: Program = (cpu) => memstress(cpu, { iterations: 1, bytesPerVcpu: 32 * 4096 })
   it('same config ⇒ same interleaving and counters; chaos seeds change the interleaving', () => {
     const a = runOnVm(directMapStrategy as MmuStrategy, 2, program)
     const b = runOnVm(directMapStrategy as MmuStrategy, 2, program)

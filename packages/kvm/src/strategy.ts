@@ -108,10 +108,11 @@ export interface MmuInstance {
   /** MMU notifier: whether any SPTE is young (kvm_test_age_gfn). mmu_lock held for write. */
   testAgeGfn(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
   /**
-   * Dirty logging: write-protect (or clear D of) the gfns of `slot` selected by `mask` at
-   * `baseGfn + i` (kvm_arch_mmu_enable_log_dirty_pt_masked). mmu_lock held for write.
+   * Dirty logging: write-protect (or clear D of) the gfns `slot.baseGfn + gfnOffset + i` for
+   * every set bit i of the 64-bit mask (maskLo = bits 0..31, maskHi = 32..63)
+   * (kvm_arch_mmu_enable_log_dirty_pt_masked). Called with mmu_lock held for write.
    */
-  logDirtyPtMasked(slot: Memslot, baseGfn: number, mask: number): void
+  logDirtyPtMasked(slot: Memslot, gfnOffset: number, maskLo: number, maskHi: number): void
   /** Emulated guest write to a gfn the MMU write-tracks (kvm_mmu_track_write / page-track notifier). */
   trackWrite(vcpu: KvmVcpu, gpa: number, bytes: number): KernelOp
   /** Whether the MMU write-tracks `gfn` (kvm_gfn_is_write_tracked); the emulator then calls trackWrite. */

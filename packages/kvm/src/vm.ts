@@ -3,7 +3,7 @@ import { KvmError } from './errors.ts'
 import { GuestMemory } from './guest-memory.ts'
 import { HostMemory } from './host-memory.ts'
 import { KvmVcpu } from './kvm-vcpu.ts'
-import { type Memslot, type MemslotChange, Memslots, type UserMemoryRegion } from './memslot.ts'
+import { type DirtyLogMask, type Memslot, type MemslotChange, Memslots, type UserMemoryRegion } from './memslot.ts'
 import { KvmMmuNotifier, type MmuNotifierListener, MmuNotifierState } from './mmu-notifier.ts'
 import { KVM_REQ_TLB_FLUSH } from './requests.ts'
 import { type ChaosOptions, type CostModel, type KernelOp, Mutex, Rcu, type RunResult, RwLock, Scheduler } from './sched/index.ts'
@@ -242,6 +242,36 @@ export class Vm {
       if (t.state === 'failed') throw t.error
     }
     return r
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): copy the slot's bitmap; unless manual-protect
+   * is on, clear it and have the MMU write-protect the harvested pages again under mmu_lock,
+   * then flush remote TLBs.
+   */
+  getDirtyLog(asId: number, slotId: number): Uint32Array {
+    const r = this.memslots.getDirtyLog(asId, slotId)
+    this.reprotect(r.masks, r.flush)
+    return r.bitmap
+  }
+
+  /** KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and re-protect those pages. */
+  clearDirtyLog(asId: number, slotId: number, firstPage: number, numPages: number, bitmap: Uint32Array): void {
+    const r = this.memslots.clearDirtyLog(asId, slotId, firstPage, numPages, bitmap)
+    this.reprotect(r.masks, r.flush)
+  }
+
+  private reprotect(masks: readonly DirtyLogMask[], flush: boolean): void {
+    if (masks.length === 0 && !flush) return
+    this.runKernel('dirty_log_protect', function* (this: Vm): KernelOp {
+      yield* this.mmuLock.writeLock()
+      try {
+        for (const m of masks) this.mmu.logDirtyPtMasked(m.slot, m.gfnOffset, m.lo, m.hi)
+      } finally {
+        this.mmuLock.writeUnlock()
+      }
+      if (flush) this.flushRemoteTlbs()
+    }.bind(this))
   }
 
   /** Look up the memslot of `gfn` in address space `asId`. */

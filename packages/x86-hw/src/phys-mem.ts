@@ -38,6 +38,8 @@ export class PhysMem {
   /** frame → backing slot + 1; 0 = unbacked (reads zero); -1 = poisoned. */
   private readonly slotOf: Int32Array
   private readonly chunks: Uint32Array[] = []
+  /** chunks[0] (once allocated), for {@link locate}. */
+  private chunk0: Uint32Array = NO_WORDS
   private readonly freeSlots: number[] = []
   private nextSlot = 0
   /** Frames that currently have storage. */
@@ -82,7 +84,9 @@ export class PhysMem {
       return -1 // LOC_ZERO
     }
     const slot = s - 1
-    this.locBuf = this.chunks[slot >>> 14]! // CHUNK_SHIFT
+    // The first chunk from a field: its load does not wait for `slot`, so the common case (under
+    // 64 MiB of backed frames) is two dependent loads, slotOf then the word.
+    this.locBuf = slot < 0x4000 ? this.chunk0 : this.chunks[slot >>> 14]! // CHUNK_FRAMES, CHUNK_SHIFT
     // Word index: slot's offset in its chunk (CHUNK_FRAMES - 1 = 0x3fff) plus the word in the frame;
     // `pa & 0xfff` is exact for any integer pa (bitwise ops see its low 32 bits).
     return ((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)
@@ -218,7 +222,10 @@ export class PhysMem {
     if (this.freeSlots.length > 0) slot = this.freeSlots.pop()!
     else {
       slot = this.nextSlot++
-      if ((slot & (CHUNK_FRAMES - 1)) === 0) this.chunks.push(new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
+      if ((slot & (CHUNK_FRAMES - 1)) === 0) {
+        this.chunks.push(new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
+        this.chunk0 = this.chunks[0]!
+      }
     }
     this.slotOf[frame] = slot + 1
     this.backedFrames++

@@ -1,0 +1,8 @@
+import { defineConfig } from 'vitest/config'
+
+export default defineConfig({
+  resolve: { conditions: ['@mmusim/source', 'module', 'node', 'import', 'default'] },
+  ssr: { resolve: { conditions: ['@mmusim/source', 'module', 'node', 'import', 'default'] } },
+  define: { __DEBUG__: 'true' },
+  test: { name: 'tdp-mmu', include: ['src/**/*.test.ts'] },
+})
