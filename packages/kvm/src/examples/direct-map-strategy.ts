@@ -51,6 +51,7 @@ export const directMapStrategy = defineMmuStrategy({
     const mem: PhysMem = vm.host.mem
     const epts: (DirectEpt | null)[] = []
     const leafBits = RWX | WB | (options.preSetAccessed ? EPT_A | EPT_D : 0)
+    let retries = 0
 
     const eptOf = (vcpu: KvmVcpu): DirectEpt | null => epts[vcpu.id] ?? null
 
@@ -119,14 +120,20 @@ export const directMapStrategy = defineMmuStrategy({
       *pageFault(vcpu, fault: PageFault): KernelOp<RetPf> {
         const ept = eptOf(vcpu)
         if (ept === null) return RET_PF_RETRY
+        // kvm_faultin_pfn(): snapshot mmu_invalidate_seq, then resolve the host page (may sleep);
+        // an invalidation in that window makes the fault retry instead of installing a stale pfn.
         const seq = vm.notifierState.seq
         const gfn = Math.floor(fault.addr / 4096)
         const hpa = vcpu.guestMem.gpaToHpa(gfn * 4096, true)
         if (hpa < 0) throw new Error(`direct-map: guest-physical 0x${fault.addr.toString(16)} is not guest memory`)
+        yield vm.sched.costs.gup
         yield* vm.mmuLock.writeLock()
         try {
           // mmu_invalidate_retry_gfn(): an invalidation raced with us; let the guest fault again.
-          if (vm.notifierState.retryGfn(seq, gfn)) return RET_PF_RETRY
+          if (vm.notifierState.retryGfn(seq, gfn)) {
+            retries++
+            return RET_PF_RETRY
+          }
           const ea = leafEntry(ept, gfn * 4096, true)
           if ((mem.read32(ea) & RWX) !== 0) return RET_PF_SPURIOUS
           mem.write64(ea, (hpa % TWO32) + leafBits, Math.floor(hpa / TWO32))
@@ -191,7 +198,7 @@ export const directMapStrategy = defineMmuStrategy({
       *destroy() {
         yield* this.zapAll()
       },
-      stats: () => ({ epts: epts.filter((e) => e !== null).length }),
+      stats: () => ({ epts: epts.filter((e) => e !== null).length, invalidation_retries: retries }),
       audit() {
         const tables = epts.reduce((n, e) => n + (e === null ? 0 : e.tables.length + 1), 0)
         return tables === vm.mmuPagesLive ? [] : [`direct-map: ${String(tables)} tables owned but ${String(vm.mmuPagesLive)} MMU pages allocated`]

@@ -70,6 +70,13 @@ export interface CostModel {
   readonly pause: number
   /** Sending an IPI from the guest with APICv / posted interrupts (no exit): ~0.5 µs ICR write + delivery (estimate). */
   readonly ipiSend: number
+  /**
+   * Resolving a guest page to a host page (hva_to_pfn → get_user_pages_fast on a present host
+   * PTE): a page-table walk plus a page refcount atomic, ~100–300 ns (estimate); 150 ns. This is
+   * the window between snapshotting mmu_invalidate_seq and taking mmu_lock in which an MMU
+   * notifier invalidation can race with a fault.
+   */
+  readonly gup: number
 }
 
 /** The defaults documented on {@link CostModel}. */
@@ -90,6 +97,7 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   guestAccess: 1,
   pause: 40,
   ipiSend: 500,
+  gup: 150,
 })
 
 /**
