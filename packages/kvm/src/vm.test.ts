@@ -16,6 +16,7 @@ import {
   type MmuStrategy,
   type PageFault,
   type RetPf,
+  statsToRecord,
   Vm,
 } from './index.ts'
 import { TINY, tinyGuest, type TinyResult } from './testing/tiny-guest.ts'
@@ -47,7 +48,7 @@ function recording(log: string[], onFault?: (vm: Vm, f: PageFault) => void): Mmu
         },
       }
     },
-  }) as MmuStrategy
+  })
 }
 
 function tinyVm(strategy: MmuStrategy, vcpus = 1): Vm {
@@ -62,7 +63,7 @@ describe('vCPU requests', () => {
     const base = tinyVm(recording([]))
     base.spawnGuest(0, tinyGuest(base.vcpus[0]!.guest.op, { faults: [], values: [], mismatches: 0 }, { pages: 1, rounds: 1 }))
     base.run()
-    const baseStats = { ...base.vcpus[0]!.stats }
+    const baseStats = statsToRecord(base.vcpus[0]!.stats)
     base.destroy()
     const log: string[] = []
     const vm = tinyVm(recording(log))
@@ -73,10 +74,10 @@ describe('vCPU requests', () => {
     vm.run()
     expect(log.slice(0, 5)).toEqual(['freeObsoleteRoots', 'unload', 'syncRoots', 'flushTlbGuest', 'load'])
     // KVM_REQ_TLB_FLUSH (all) satisfies FLUSH_CURRENT: one full flush, no separate current flush.
-    expect(v.stats.req_tlb_flush).toBe(baseStats.req_tlb_flush + 1)
+    expect(v.stats.req_tlb_flush).toBe(baseStats.req_tlb_flush! + 1)
     expect(v.stats.req_tlb_flush_current).toBe(baseStats.req_tlb_flush_current)
-    expect(v.stats.req_tlb_flush_guest).toBe(baseStats.req_tlb_flush_guest + 1)
-    expect(v.stats.req_mmu_sync).toBe(baseStats.req_mmu_sync + 1)
+    expect(v.stats.req_tlb_flush_guest).toBe(baseStats.req_tlb_flush_guest! + 1)
+    expect(v.stats.req_mmu_sync).toBe(baseStats.req_mmu_sync! + 1)
     expect(v.requests).toBe(0)
     expect(r.mismatches).toBe(0)
     vm.destroy()
@@ -112,7 +113,7 @@ describe('vCPU requests', () => {
       'flusher',
       function* (): KernelOp {
         // Wait until every vCPU finished its first pass, then flush remotely.
-        while (done.length < 3 || done.some((d) => d === undefined)) yield 1000
+        while (done.filter((d) => typeof d === 'number').length < 3) yield 1000
         for (const v of vm.vcpus) flushesBefore.push(v.hw.counters[C_TLB_FLUSHES]!)
         vm.flushRemoteTlbs()
         flag.flushed = true
@@ -181,9 +182,9 @@ describe('MMU-notifier invalidation racing with a fault', () => {
 describe('bad input', () => {
   it('refuses a strategy of the wrong shape or API version, and bad options, before creating anything', () => {
     expect(() => new Vm({ strategy: { name: 'x' } as unknown as MmuStrategy })).toThrow(/does not have the shape of an MMU strategy[\s\S]*create must be a function/)
-    expect(() => new Vm({ strategy: { ...directMapStrategy, apiVersion: 2 } as MmuStrategy })).toThrow(/declares apiVersion 2, but this @mmusim\/kvm implements apiVersion 1\. Upgrade @mmusim\/kvm\./)
-    expect(() => new Vm({ strategy: directMapStrategy as MmuStrategy, strategyOptions: { preSetAccessed: 'yes' } })).toThrow(/invalid options for MMU strategy 'direct-map':\n {2}- preSetAccessed: /)
-    expect(() => new Vm({ strategy: directMapStrategy as MmuStrategy, strategyOptions: { bogus: 1 } })).toThrow(/invalid options for MMU strategy 'direct-map'/)
-    expect(() => new Vm({ strategy: directMapStrategy as MmuStrategy, vcpus: 0 })).toThrow(/vcpus must be an integer from 1 to 64/)
+    expect(() => new Vm({ strategy: { ...directMapStrategy, apiVersion: 2 } })).toThrow(/declares apiVersion 2, but this @mmusim\/kvm implements apiVersion 1\. Upgrade @mmusim\/kvm\./)
+    expect(() => new Vm({ strategy: directMapStrategy, strategyOptions: { preSetAccessed: 'yes' } })).toThrow(/invalid options for MMU strategy 'direct-map':\n {2}- preSetAccessed: /)
+    expect(() => new Vm({ strategy: directMapStrategy, strategyOptions: { bogus: 1 } })).toThrow(/invalid options for MMU strategy 'direct-map'/)
+    expect(() => new Vm({ strategy: directMapStrategy, vcpus: 0 })).toThrow(/vcpus must be an integer from 1 to 64/)
   })
 })
