@@ -166,7 +166,6 @@ export async function streamLackeyReplay(machine: Machine, os: GuestOs, source: 
   return state
 }
 
-// eslint-disable-next-line require-yield
 function* idle(): Routine {
   return
 }
