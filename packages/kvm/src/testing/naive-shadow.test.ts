@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { collectResult, contextSwitchRing, type Cpu, cr0WpToggle, forkStorm, GuestOs, memstress, mprotectStorm, type Routine } from '@mmusim/guest'
 import { C_GUEST_PF } from '@mmusim/x86-hw'
-import { createReference, diffGuestMemory, type MmuStrategy, Vm } from '../index.ts'
+import { createReference, diffGuestMemory, Vm } from '../index.ts'
 import { naiveShadowStrategy } from './naive-shadow-strategy.ts'
 
 const MEM = 32 << 20
