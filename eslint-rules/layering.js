@@ -50,6 +50,8 @@ const rule = {
     const from = packageOf(filename)
     if (from === undefined || !(from in LAYERS)) return {}
     const isTest = /\.(test|spec)\.ts$/.test(filename)
+    // Package config files may import the shared root configs; source files may not leave the package.
+    const isSource = !/\/[^/]+\.config\.ts$/.test(filename.split(path.sep).join('/'))
     const allowed = new Set([...LAYERS[from], ...(isTest ? (TEST_EXTRA[from] ?? []) : [])])
     const pkgRoot = filename.slice(0, filename.split(path.sep).join('/').lastIndexOf(`/${from}/`) + from.length + 1)
 
@@ -61,7 +63,7 @@ const rule = {
         if (!allowed.has(target)) {
           context.report({ node, messageId: 'badLayer', data: { from, target, allowed: [...allowed].join(', ') } })
         }
-      } else if (spec.startsWith('.')) {
+      } else if (spec.startsWith('.') && isSource) {
         const resolved = path.resolve(path.dirname(filename), spec)
         if (!resolved.startsWith(pkgRoot)) context.report({ node, messageId: 'escape', data: { from, spec } })
       }

@@ -1,8 +1,3 @@
-import { defineConfig } from 'vitest/config'
+import { packageProject } from '../../vitest.shared.ts'
 
-export default defineConfig({
-  resolve: { conditions: ['@mmusim/source', 'module', 'node', 'import', 'default'] },
-  ssr: { resolve: { conditions: ['@mmusim/source', 'module', 'node', 'import', 'default'] } },
-  define: { __DEBUG__: 'true' },
-  test: { name: 'shadow-mmu', include: ['src/**/*.test.ts'] },
-})
+export default packageProject('shadow-mmu')

@@ -1,8 +1,3 @@
-import { defineConfig } from 'vitest/config'
+import { packageProject } from '../../vitest.shared.ts'
 
-export default defineConfig({
-  resolve: { conditions: ['@mmusim/source', 'module', 'node', 'import', 'default'] },
-  ssr: { resolve: { conditions: ['@mmusim/source', 'module', 'node', 'import', 'default'] } },
-  define: { __DEBUG__: 'true' },
-  test: { name: 'x86-hw', include: ['src/**/*.test.ts'] },
-})
+export default packageProject('x86-hw')
