@@ -2,10 +2,19 @@
  * mmusim simulator benchmarks (tinybench). Prints ops/s for the hot paths of the hardware model:
  * TLB-hit accesses (batched), cold 4-level walks, cold 2-D (EPT) walks.
  * Usage: pnpm bench [--json out.json] [--time ms]
+ *
+ * Runs with the debug self-checks off, as published builds do (see ./debug-off.ts, imported first).
+ * The machine matters: on a shared 2-vCPU VM, other load moves these figures by 10–30%; note
+ * `uptime` and compare runs made back to back.
+ * To profile: bundle src/main.ts with esbuild (`bundle`, `platform: 'node'`, `format: 'esm'`,
+ * `conditions: ['@mmusim/source']`, `define: { __DEBUG__: 'false' }`) and run `node --cpu-prof`
+ * on the bundle; `node --perf-prof` with `perf record -k 1` / `perf inject --jit` gives
+ * per-instruction profiles.
  */
+import './debug-off.ts'
 import { writeFileSync } from 'node:fs'
 import { Bench } from 'tinybench'
-import { C_MEM_REFS, C_TLB_MISS, C_WALKS } from '@mmusim/x86-hw'
+import { C_MEM_REFS, C_TLB_MISS, C_WALKS, DEBUG } from '@mmusim/x86-hw'
 import { bareFixture, eptFixture } from './fixtures.ts'
 
 const args = process.argv.slice(2)
@@ -37,7 +46,7 @@ bench.add('cold 2-D walk (4-level guest over 4-level EPT)', () => {
 bench.runSync()
 
 const perCall = [hit.las.length, cold.las.length, cold2d.las.length]
-console.log(`mmusim bench — node ${process.version}, ${String((await import('node:os')).cpus()[0]?.model)}`)
+console.log(`mmusim bench — node ${process.version}, ${String((await import('node:os')).cpus()[0]?.model)}, debug checks ${DEBUG ? 'ON (not what ships)' : 'off'}`)
 bench.tasks.forEach((t, i) => {
   if (t.result.state !== 'completed') {
     console.log(`${t.name}: ${t.result.state}`)

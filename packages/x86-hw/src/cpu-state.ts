@@ -151,6 +151,15 @@ export class PagingContext {
   canonLimit = 0
   /** Bumped on every recompute, so caches of derived data can tell they are stale. */
   generation = 0
+  /** Protection keys apply to some access (CR4.PKE or CR4.PKS): {@link perm} is not the whole decision. */
+  keys = false
+  /**
+   * KVM's `update_permission_bitmask()`: {@link rightsFault} without protection keys, tabulated.
+   * Index {@link permIndex}(kind, user, SMAP override); bit `rw | us << 1 | xd << 2` (the TLBF_RW,
+   * TLBF_US, TLBF_XD bits of a TLB entry) is 1 when that combination of effective rights faults.
+   * Recomputed by {@link update}; AC and CPL are inputs of the index, so STAC/CLAC need no update.
+   */
+  readonly perm = new Uint8Array(12)
 
   constructor(features: CpuFeatures) {
     this.features = features
@@ -178,6 +187,8 @@ export class PagingContext {
     this.pks = (s.cr4 & CR4_PKS) !== 0 && mode >= PAGING_4L
     this.pge = (s.cr4 & CR4_PGE) !== 0
     this.canonLimit = mode === PAGING_5L ? 2 ** 56 : 2 ** 47
+    this.keys = this.pke || this.pks
+    this.updatePermissionBitmask()
     // Reserved-bit masks for 4/5-level paging (x86-hw.md §2.4; KVM __reset_rsvds_bits_mask).
     const highRsvd = (~this.hiAddrMask & HI_ADDR_BITS) >>> 0 // bits 51:M
     const xd = this.nxe ? 0 : HI_XD
@@ -208,6 +219,35 @@ export class PagingContext {
       this.rsvdLargeLo[2] = 0x001fe000
     }
   }
+
+  /** Fill {@link perm} from {@link rightsFault} itself (with PKRU = PKRS = 0 no key ever faults). */
+  private updatePermissionBitmask(): void {
+    const st = PERM_STATE
+    for (let kind = 0; kind <= 2; kind++) {
+      for (let user = 0; user <= 1; user++) {
+        for (let override = 0; override <= 1; override++) {
+          st.ac = override === 1
+          let bits = 0
+          for (let r = 0; r < 8; r++) {
+            if (rightsFault(this, st, kind, user === 1, false, r & 1, (r >>> 1) & 1, (r >>> 2) & 1, 0) !== 0) bits |= 1 << r
+          }
+          this.perm[permIndex(kind, user === 1, override === 1)] = bits
+        }
+      }
+    }
+  }
+}
+
+/** Scratch state for {@link PagingContext.updatePermissionBitmask}: only AC is varied. */
+const PERM_STATE = new CpuState()
+
+/**
+ * Index of {@link PagingContext.perm} for an access of `kind` (ACC_*), by a user-mode access
+ * (`user`: CPL 3 and not implicit), with the SMAP override (`override`: RFLAGS.AC set and not an
+ * implicit supervisor access).
+ */
+export function permIndex(kind: number, user: boolean, override: boolean): number {
+  return (kind << 2) | (user ? 2 : 0) | (override ? 1 : 0)
 }
 
 const HI_ADDR_BITS = 0x000fffff

@@ -22,8 +22,6 @@ import type { PhysMem } from './phys-mem.ts'
 import type { NestedTranslator } from './walk.ts'
 import { WALK_EXIT, type WalkResult } from './walk-result.ts'
 
-const TWO32 = 4294967296
-
 /** EPTP memory type UC (0), one of the two VM entry accepts (SDM Vol. 3C 25.6.11 / 26.2.1.1). */
 export const EPTP_MT_UC = 0
 /** EPTP memory type WB (6), the other one VM entry accepts. */
@@ -48,11 +46,6 @@ export interface EptOptions {
   rmwSetsReadBit?: boolean
 }
 
-/**
- * Reserved bits (bits 51:N in the high half, N = MAXPHYADDR) and the EPT memory types 2, 3, 7
- * (bit per type) — KVM's `__reset_rsvds_bits_mask_ept` / `bad_mt_xwr`.
- */
-const BAD_MT = (1 << 2) | (1 << 3) | (1 << 7)
 
 /**
  * Intel EPT as the second dimension of a 2-D walk (SDM Vol. 3C 29.3 "The extended page table
@@ -75,8 +68,12 @@ export class EptTranslator implements NestedTranslator {
   readonly ptAccessIsWrite: boolean
   readonly mem: PhysMem
   readonly features: CpuFeatures
-  /** Host-physical address of the top-level EPT table. */
-  readonly root: number
+  /**
+   * Host-physical address of the top-level EPT table. Initialised here, not only in the
+   * constructor: a field that starts out undefined has a generic representation, and the walk's
+   * `table` (starting from it) would then be boxed.
+   */
+  readonly root: number = 0
   readonly levels: 4 | 5
   readonly adEnabled: boolean
   readonly rmwSetsReadBit: boolean
@@ -196,48 +193,50 @@ export class EptTranslator implements NestedTranslator {
    */
   translate(gpa: number, kind: AccessKind, final: boolean, res: WalkResult): number {
     const mem = this.mem
-    const gHi = (gpa / TWO32) >>> 0
-    const gLo = gpa >>> 0
     // With EPT A/D, every guest paging-structure access is a write (SDM 29.3.3.2).
     const write = kind === ACC_WRITE || (!final && this.adEnabled)
     const need = write ? 2 : kind === ACC_FETCH ? 4 : 1
     const hiAddr = this.hiAddrMask
     const hiRsvd = this.hiRsvd
     const ad = this.adEnabled
+    const badXwr = this.badXwr
+    const largeLevels = this.largeLevels
+    const rsvdLo = this.rsvdLo
+    const rsvdLeafLo = this.rsvdLeafLo
+    const top = this.levels
+    // gpa * scale puts the index bits of a level at bit 0 (2^-12 at level 1, × 2^-9 per level up);
+    // exact for gpa < 2^53. Literals below stand for module constants (V8 reloads those at every use).
+    const topScale = top === 5 ? 1 / 281474976710656 : 1 / 549755813888 // 2^-48, 2^-39
     restart: for (;;) {
-      let level: number = this.levels
+      let level: number = top
+      let scale = topScale
       let table = this.root
       let rights = 7
       let lo: number
       let hi: number
       let ea: number
       for (;;) {
-        let idx: number
-        switch (level) {
-          case 1: idx = (gLo >>> 12) & 511; break
-          case 2: idx = (gLo >>> 21) & 511; break
-          case 3: idx = ((gHi & 0x7f) << 2) | (gLo >>> 30); break
-          case 4: idx = (gHi >>> 7) & 511; break
-          default: idx = (gHi >>> 16) & 511
-        }
-        ea = table + idx * 8
-        lo = mem.read32(ea)
+        ea = table + (Math.floor(gpa * scale) & 511) * 8
+        // Hints 6..10 (guest table addresses) and 11..15 (final addresses), apart from the guest
+        // walker's 1..5: each keeps the EPT table last read at that level for that use.
+        lo = mem.read64Hinted(ea, final ? level + 10 : level + 5)
+        hi = mem.hi64
         res.memRefs++
         const xwr = lo & 7
         // Not present: its other bits are ignored; the AND of the rights becomes 0.
         if (xwr === 0) return this.violation(gpa, kind, final, 0, res)
-        hi = mem.read32(ea + 4)
-        if (((this.badXwr >>> xwr) & 1) !== 0 || (hi & hiRsvd) !== 0) return misconfig(gpa, res)
+        if (((badXwr >>> xwr) & 1) !== 0 || (hi & hiRsvd) !== 0) return misconfig(gpa, res)
         let leaf: boolean
         if (level === 1) leaf = true
-        else if ((lo & EPT_PS) !== 0 && ((this.largeLevels >>> level) & 1) !== 0) {
-          if ((lo & this.rsvdLeafLo[level]!) !== 0) return misconfig(gpa, res)
+        else if ((lo & 0x80) !== 0 && ((largeLevels >>> level) & 1) !== 0) { // EPT_PS
+          if ((lo & rsvdLeafLo[level]!) !== 0) return misconfig(gpa, res)
           leaf = true
         } else {
-          if ((lo & this.rsvdLo[level]!) !== 0) return misconfig(gpa, res)
+          if ((lo & rsvdLo[level]!) !== 0) return misconfig(gpa, res)
           leaf = false
         }
-        if (leaf && ((BAD_MT >>> ((lo >>> 3) & 7)) & 1) !== 0) return misconfig(gpa, res)
+        // Leaf memory types 2, 3 and 7 are misconfigurations (KVM's bad_mt_xwr): bits of 0x8c.
+        if (leaf && ((0x8c >>> ((lo >>> 3) & 7)) & 1) !== 0) return misconfig(gpa, res)
         rights &= xwr
         if (leaf) break
         if (ad) {
@@ -254,8 +253,9 @@ export class EptTranslator implements NestedTranslator {
           this.pathLo[level] = lo
           this.pathHi[level] = hi
         }
-        table = ((lo & 0xfffff000) >>> 0) + (hi & hiAddr) * TWO32
+        table = ((lo & 0xfffff000) >>> 0) + (hi & hiAddr) * 4294967296
         level--
+        scale *= 512
       }
 
       if ((rights & need) === 0) return this.violation(gpa, kind, final, rights, res)
@@ -286,9 +286,10 @@ export class EptTranslator implements NestedTranslator {
         res.hostX = (rights >>> 2) & 1
         res.nestedLevel = level
       }
-      if (level === 1) return ((lo & 0xfffff000) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0xfff)
-      if (level === 2) return ((lo & 0xffe00000) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0x1fffff)
-      return ((lo & 0xc0000000) >>> 0) + (hi & hiAddr) * TWO32 + (gLo & 0x3fffffff)
+      // Page offset: `gpa & mask` is exact (bitwise ops see the low 32 bits of gpa).
+      if (level === 1) return ((lo & 0xfffff000) >>> 0) + (hi & hiAddr) * 4294967296 + (gpa & 0xfff)
+      if (level === 2) return ((lo & 0xffe00000) >>> 0) + (hi & hiAddr) * 4294967296 + (gpa & 0x1fffff)
+      return ((lo & 0xc0000000) >>> 0) + (hi & hiAddr) * 4294967296 + (gpa & 0x3fffffff)
     }
   }
 

@@ -57,8 +57,12 @@ export class NptTranslator implements NestedTranslator {
   readonly ptAccessIsWrite = true
   readonly mem: PhysMem
   readonly features: CpuFeatures
-  /** Host-physical address of the top-level nested table. */
-  readonly root: number
+  /**
+   * Host-physical address of the top-level nested table. Initialised here, not only in the
+   * constructor: a field that starts out undefined has a generic representation, and the walk's
+   * `table` (starting from it) would then be boxed.
+   */
+  readonly root: number = 0
   readonly levels: 4 | 5
   readonly hostNxe: boolean
   readonly hostSmep: boolean
@@ -146,8 +150,8 @@ export class NptTranslator implements NestedTranslator {
           default: idx = (gHi >>> 16) & 511
         }
         ea = table + idx * 8
-        lo = mem.read32(ea)
-        hi = mem.read32(ea + 4)
+        lo = mem.read64(ea) // one frame lookup for both halves
+        hi = mem.hi64
         res.memRefs++
         if ((lo & PTE_P) === 0) return this.npf(gpa, k, final, 0, res)
         const large = (lo & PTE_PS) !== 0 && ((this.largeLevels >>> level) & 1) !== 0

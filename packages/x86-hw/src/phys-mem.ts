@@ -94,9 +94,17 @@ export class PhysMem {
 
   /** Read the 32-bit word at `pa` (4-byte aligned). */
   read32(pa: number): number {
-    const w = this.locate(pa)
-    if (w >= 0) return this.locBuf[w]!
-    return w === -1 ? 0 : 0xffffffff // LOC_ZERO reads 0, LOC_OPEN_BUS all ones
+    // locate() written out, as in read64.
+    if (!(pa < this.sizeBytes) || pa < 0) return 0xffffffff // OPEN_BUS
+    const frame = (pa * (1 / 4096)) >>> 0
+    const s = this.slotOf[frame]!
+    if (s <= 0) {
+      if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'read', pa)
+      return 0
+    }
+    const slot = s - 1
+    const buf = slot < 0x4000 ? this.chunk0 : this.chunks[slot >>> 14]!
+    return buf[((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)]!
   }
 
   /**
@@ -104,16 +112,55 @@ export class PhysMem {
    * leaves the high word in {@link hi64} (no allocation). Same outcomes as two {@link read32} calls.
    */
   read64(pa: number): number {
-    const w = this.locate(pa)
-    if (w >= 0) {
-      const buf = this.locBuf
+    // locate() written out: storing locBuf (an object field) costs a write barrier per read.
+    if (!(pa < this.sizeBytes) || pa < 0) {
+      this.hi64 = 0xffffffff // OPEN_BUS
+      return 0xffffffff
+    }
+    const frame = (pa * (1 / 4096)) >>> 0
+    const s = this.slotOf[frame]!
+    if (s <= 0) {
+      if (s === SLOT_POISONED) throw new PoisonedFrameError(frame, 'read', pa)
+      this.hi64 = 0
+      return 0
+    }
+    const slot = s - 1
+    const buf = slot < 0x4000 ? this.chunk0 : this.chunks[slot >>> 14]!
+    const w = ((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)
+    this.hi64 = buf[w + 1]!
+    return buf[w]!
+  }
+
+  /**
+   * {@link read64} for callers that keep coming back to a few frames (a page walker, per level):
+   * `hint` (0..15) names a one-entry cache of the frame last read with it, so a repeat skips the
+   * frame lookup (the slotOf load leaves the walk's chain of dependent loads). Same outcomes as
+   * read64 whatever the hint: the caches hold backed frames only and are dropped whenever any frame
+   * gains or loses storage or is poisoned.
+   */
+  read64Hinted(pa: number, hint: number): number {
+    const frame = Math.floor(pa * (1 / 4096)) // exact; NaN or out of range never matches
+    if (frame === this.hintFrame[hint]) {
+      const w = this.hintBase[hint]! | ((pa & 0xfff) >>> 2)
+      const buf = this.chunk0
       this.hi64 = buf[w + 1]!
       return buf[w]!
     }
-    const v = w === -1 ? 0 : 0xffffffff // LOC_ZERO reads 0, LOC_OPEN_BUS all ones
-    this.hi64 = v
-    return v
+    const lo = this.read64(pa)
+    if (pa >= 0 && pa < this.sizeBytes) {
+      const s = this.slotOf[frame]!
+      // Chunk 0 only, so a hit needs no chunk lookup either.
+      if (s > 0 && s <= 0x4000) {
+        this.hintFrame[hint] = frame
+        this.hintBase[hint] = (s - 1) << 10
+      }
+    }
+    return lo
   }
+
+  /** Caches of {@link read64Hinted}: frame (-1: none) and the index of its first word in chunk 0. */
+  private readonly hintFrame = new Float64Array(16).fill(-1)
+  private readonly hintBase = new Int32Array(16)
 
   /** High word of the entry read by the last {@link read64}. */
   hi64 = 0
@@ -229,6 +276,7 @@ export class PhysMem {
     }
     this.slotOf[frame] = slot + 1
     this.backedFrames++
+    this.hintFrame.fill(-1)
     return slot + 1
   }
 
@@ -239,6 +287,7 @@ export class PhysMem {
     this.freeSlots.push(slot)
     this.slotOf[frame] = newState
     this.backedFrames--
+    this.hintFrame.fill(-1)
   }
 }
 

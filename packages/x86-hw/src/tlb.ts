@@ -213,8 +213,17 @@ export class Tlb {
   private readonly sig4k: Int32Array
   /** Per 4 KiB set and signature bit, how many ways set it (so the signature updates in O(1)). */
   private readonly sigCount: Uint8Array
+  /**
+   * Per 4 KiB set, the sequence number at which an insert found every way live (-1: not known).
+   * Ways only become free through a flush (which bumps the sequence number) or
+   * {@link invalidateEntry} (which clears this), so while it equals the current sequence number an
+   * insert of a page the set cannot hold skips the scan and evicts.
+   */
+  private readonly fullSeq: Int32Array
   /** Current flush sequence number (inserts are stamped with it). */
   private seqNow = 0
+  /** Sequence number of the latest 2 MiB / 1 GiB insert (-1: none yet). */
+  private largeSeq = -1
   /** Thresholds: flushAll; per asid (incl. globals); per asid non-global; per (asid, pcid) non-global. */
   private seqAll = 0
   private readonly seqAsid: Int32Array
@@ -261,6 +270,7 @@ export class Tlb {
     this.setBits4k = Math.log2(c.sets4k)
     this.sig4k = new Int32Array(c.sets4k)
     this.sigCount = new Uint8Array(c.sets4k * 32)
+    this.fullSeq = new Int32Array(c.sets4k).fill(-1)
     this.seqAsid = new Int32Array(c.asids)
     this.seqAsidNg = new Int32Array(c.asids)
     this.seqPcid = new Int32Array(c.asids * 4096)
@@ -286,7 +296,7 @@ export class Tlb {
     const tagA = this.tag
     const seqA = this.seq
     // The hottest code of the simulator: loops written out per size, the 4 KiB probe kept small.
-    const vpn = Math.floor(la * INV_4K)
+    const vpn = Math.floor(la * (1 / 4096)) // INV_4K as a literal: no module-binding load
     const set = vpn & this.mask4k
     let i = set * this.ways4k
     const end = (this.sig4k[set]! >>> ((vpn >> this.setBits4k) & 31)) & 1 ? i + this.ways4k : i
@@ -298,6 +308,12 @@ export class Tlb {
           return i
         }
       }
+    }
+    // Every 2 MiB / 1 GiB entry was stamped at or before largeSeq; below the threshold of global
+    // entries (the lower of the two) none of them is live here: a miss without scanning.
+    if (this.largeSeq < thrG) {
+      this.counters[TLBC_MISS]!++
+      return -1
     }
     return this.lookupLarge(la, ctx, gtag, thrN, thrG)
   }
@@ -382,7 +398,7 @@ export class Tlb {
     if (level < 1) level = 1
     let vpn: number, off: number, ways: number, set: number, rrIdx: number, offMask: number
     if (level === 1) {
-      vpn = Math.floor(la * INV_4K)
+      vpn = Math.floor(la * (1 / 4096)) // INV_4K
       off = 0
       ways = this.ways4k
       set = vpn & this.mask4k
@@ -414,15 +430,16 @@ export class Tlb {
     // flushAll is dead. Only entries in between need {@link isLive}.
     const seqNow = this.seqNow
     const seqAll = this.seqAll
-    // A clear signature bit proves no way holds this page number: the first free way will do.
-    const sigBit = level === 1 ? (vpn >> this.setBits4k) & 31 : 0
-    const mayHold = level !== 1 || ((this.sig4k[set]! >>> sigBit) & 1) !== 0
+    // A clear signature bit proves no way holds this page number: the first free way will do, and
+    // if the set was found full of live entries since the last flush there is none: evict at once.
+    const mayHold = level !== 1 || ((this.sig4k[set]! >>> ((vpn >> this.setBits4k) & 31)) & 1) !== 0
+    const knownFull = !mayHold && this.fullSeq[set] === seqNow
     // 1. A live entry with the same tag and page is refreshed in place (no duplicates in a set;
     //    a global and a non-global entry for one page may coexist, as on hardware).
     // 2. Else the first free way (empty, or made stale by a flush). 3. Else the round-robin victim.
     let victim = -1
     let free = -1
-    for (let i = start; i < end; i++) {
+    for (let i = knownFull ? end : start; i < end; i++) {
       const v = vpnA[i]!
       if (v !== vpn) {
         if (free < 0) {
@@ -447,6 +464,7 @@ export class Tlb {
     if (victim < 0) {
       if (free >= 0) victim = free
       else {
+        if (level === 1) this.fullSeq[set] = seqNow
         const w = this.rr[rrIdx]!
         victim = start + w
         this.rr[rrIdx] = w + 1 === ways ? 0 : w + 1
@@ -454,6 +472,7 @@ export class Tlb {
       }
     }
     if (level === 1) this.sigReplace(set, vpnA[victim]!, vpn)
+    else this.largeSeq = seqNow
     const pageOff = la & offMask
     vpnA[victim] = vpn
     tagA[victim] = tag
@@ -584,7 +603,11 @@ export class Tlb {
   /** Drop entry `i` (always allowed: a processor may drop any entry at any time, SDM 4.10.2.2). */
   invalidateEntry(i: number): void {
     if (this.isLive(i)) this.counters[TLBC_DROPPED]!++
-    if (i < this.offset2m) this.sigReplace((i / this.ways4k) | 0, this.vpn[i]!, NaN)
+    if (i < this.offset2m) {
+      const set = (i / this.ways4k) | 0
+      this.sigReplace(set, this.vpn[i]!, NaN)
+      this.fullSeq[set] = -1
+    }
     this.vpn[i] = NaN
   }
 
@@ -606,7 +629,9 @@ export class Tlb {
       else this.vpn[i] = NaN
     }
     for (let set = 0; set <= this.mask4k; set++) this.resig(set)
+    this.fullSeq.fill(-1)
     this.seqNow = 0
+    this.largeSeq = 0 // live large entries now have seq 0 (conservative if there are none)
     this.seqAll = 0
     this.seqAsid.fill(0)
     this.seqAsidNg.fill(0)
@@ -640,7 +665,8 @@ export class Tlb {
     let m = this.sig4k[set]!
     if (oldVpn === oldVpn) {
       const bit = (oldVpn >> sh) & 31
-      if (--cnt[set * 32 + bit]! === 0) m &= ~(1 << bit)
+      const left = --cnt[set * 32 + bit]!
+      if (left === 0) m &= ~(1 << bit)
     }
     if (newVpn === newVpn) {
       const bit = (newVpn >> sh) & 31

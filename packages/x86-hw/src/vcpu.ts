@@ -32,8 +32,6 @@ import {
   C_PSC_HITS,
   C_READS,
   C_TLB_FLUSHES,
-  C_TLB_HIT_1G,
-  C_TLB_HIT_2M,
   C_TLB_HIT_4K,
   C_TLB_MISS,
   C_WALK_RESTARTS,
@@ -62,6 +60,7 @@ import {
   makeFeatures,
   PAGING_NONE,
   PagingContext,
+  permIndex,
   rightsFault,
 } from './cpu-state.ts'
 import { MmusimError } from './errors.ts'
@@ -291,38 +290,62 @@ export class Vcpu {
   /**
    * Translate one access. Returns an ExecStatus; on EXEC_OK `res.pa` holds the physical address
    * (host-physical under shadow/TDP) and `res.gpa` the guest-physical one.
+   *
+   * Only the TLB-hit path is here, kept small so that V8 inlines it into batch loops
+   * ({@link accessMany}, {@link runBatch}); misses and refused hits go out of line.
    */
   access(la: number, kind: AccessKind, implicit: boolean): ExecStatus {
     const c = this.counters
     c[C_ACCESSES]!++
     const ctx = this.walkCtx
-    const res = this.res
-    if (ctx.mode !== PAGING_NONE) {
-      const tlb = this.tlb
-      const i = tlb.lookup(this.asid, ctx.pcid, la)
-      if (i >= 0) {
-        const fl = tlb.flags[i]!
-        const user = this.state.cpl === 3 && !implicit
-        if (
-          rightsFault(ctx, this.state, kind, user, implicit, fl & TLBF_RW ? 1 : 0, fl & TLBF_US ? 1 : 0, fl & TLBF_XD ? 1 : 0, (fl >>> TLBF_PKEY_SHIFT) & 15) === 0 &&
-          (kind !== ACC_WRITE || (fl & (TLBF_DIRTY | TLBF_HOSTW)) === (TLBF_DIRTY | TLBF_HOSTW)) &&
-          (kind !== ACC_FETCH || (fl & TLBF_HOSTX) !== 0)
-        ) {
-          const off = la - Math.floor(la / tlb.pageSize[i]!) * tlb.pageSize[i]!
-          res.pa = tlb.base[i]! + off
-          res.gpa = tlb.gpaBase[i]! + off
-          res.memRefs = 0
-          res.adWrites = 0
-          const lvl = tlb.level[i]!
-          c[lvl === 1 ? C_TLB_HIT_4K : lvl === 2 ? C_TLB_HIT_2M : C_TLB_HIT_1G]!++
-          return EXEC_OK
-        }
-        // A cached entry that does not allow the access: hardware re-walks (to set D, or to see
-        // an upgraded entry) rather than fault from stale rights — the fresh-walk outcome.
-        if (kind === ACC_WRITE && (fl & TLBF_DIRTY) === 0) c[C_DIRTY_REWALKS]!++
-        tlb.invlpg(this.asid, ctx.pcid, la)
-      } else c[C_TLB_MISS]!++
+    if (ctx.mode === PAGING_NONE) return this.walkAndFill(la, kind, implicit)
+    const tlb = this.tlb
+    const i = tlb.lookup(this.asid, ctx.pcid, la)
+    if (i < 0) {
+      c[C_TLB_MISS]!++
+      return this.walkAndFill(la, kind, implicit)
     }
+    const fl = tlb.flags[i]!
+    const state = this.state
+    // Rights from the precomputed bitmap (KVM's permission_fault()), indexed by the entry's
+    // TLBF_RW | TLBF_US | TLBF_XD = fl & 7; with protection keys, the reference rightsFault().
+    const denied = ctx.keys
+      ? this.keyedRightsFault(fl, kind, implicit)
+      : (ctx.perm[permIndex(kind, state.cpl === 3 && !implicit, !implicit && state.ac)]! >>> (fl & 7)) & 1
+    if (
+      denied !== 0 ||
+      (kind === ACC_WRITE && (fl & (TLBF_DIRTY | TLBF_HOSTW)) !== (TLBF_DIRTY | TLBF_HOSTW)) ||
+      (kind === ACC_FETCH && (fl & TLBF_HOSTX) === 0)
+    ) {
+      return this.rewalk(la, kind, implicit, fl)
+    }
+    // Offset in the page: `la & (size - 1)` is exact for signed la (bitwise ops see its low 32 bits).
+    const off = la & (tlb.pageSize[i]! - 1)
+    const res = this.res
+    res.pa = tlb.base[i]! + off
+    res.gpa = tlb.gpaBase[i]! + off
+    res.memRefs = 0
+    res.adWrites = 0
+    c[C_TLB_HIT_4K - 1 + tlb.level[i]!]!++ // C_TLB_HIT_4K, _2M, _1G are consecutive, by level
+    return EXEC_OK
+  }
+
+  /** {@link rightsFault} for a TLB entry's flags, when protection keys apply. */
+  private keyedRightsFault(fl: number, kind: AccessKind, implicit: boolean): number {
+    const state = this.state
+    return rightsFault(
+      this.walkCtx, state, kind, state.cpl === 3 && !implicit, implicit,
+      fl & TLBF_RW ? 1 : 0, fl & TLBF_US ? 1 : 0, fl & TLBF_XD ? 1 : 0, (fl >>> TLBF_PKEY_SHIFT) & 15,
+    )
+  }
+
+  /**
+   * A cached entry that does not allow the access: hardware re-walks (to set D, or to see an
+   * upgraded entry) rather than fault from stale rights — the fresh-walk outcome.
+   */
+  private rewalk(la: number, kind: AccessKind, implicit: boolean, fl: number): ExecStatus {
+    if (kind === ACC_WRITE && (fl & TLBF_DIRTY) === 0) this.counters[C_DIRTY_REWALKS]!++
+    this.tlb.invlpg(this.asid, this.walkCtx.pcid, la)
     return this.walkAndFill(la, kind, implicit)
   }
 

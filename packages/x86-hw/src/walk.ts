@@ -2,8 +2,6 @@ import {
   ACC_FETCH,
   ACC_WRITE,
   type AccessKind,
-  HI_PK_SHIFT,
-  LO_ADDR_MASK,
   PFERR_I,
   PFERR_P,
   PFERR_RSVD,
@@ -12,17 +10,11 @@ import {
   PTE_A,
   PTE_D,
   PTE_G,
-  PTE_P,
-  PTE_PS,
 } from './bits.ts'
-import { type CpuState, PAGING_4L, PAGING_NONE, type PagingContext, rightsFault } from './cpu-state.ts'
+import { type CpuState, PAGING_4L, PAGING_NONE, type PagingContext, permIndex, rightsFault } from './cpu-state.ts'
 import { HwConfigError } from './errors.ts'
 import type { PhysMem } from './phys-mem.ts'
 import { WALK_EXIT, WALK_GP, WALK_OK, WALK_PF, type WalkResult, type WalkStatus } from './walk-result.ts'
-
-// Hot code below writes 2^32 and the PTE bits it tests as literals: V8 reloads a module-level
-// binding (and an imported one through its cell) at every use, which costs in the walk loop.
-const TWO32 = 4294967296
 
 /**
  * Nested (second-dimension) translation of guest-physical addresses: EPT or NPT. The 1-D walker
@@ -134,6 +126,8 @@ export function walk(
     let eHi: number
     // A non-leaf entry still needs its A bit from the A/D pass (KVM-style walkers set it after the walk).
     let adPending = false
+    // The PTE bits and 2^32 appear as literals (named in comments) in this loop: V8 reloads a
+    // module-level binding (an imported one through its cell) at every use.
     for (;;) {
       // Index bits of this level: floor(la / 2^shift) & 511 is exact for signed canonical la.
       const ea = table + (Math.floor(la * scale) & 511) * 8
@@ -183,7 +177,10 @@ export function walk(
     const leafLevel = level
 
     const pkey = ctx.pke || ctx.pks ? (eHi >>> 27) & 0xf : 0 // HI_PK_SHIFT
-    const denied = rightsFault(ctx, state, kind, user, implicit, rw, us, xd, pkey)
+    // Without protection keys the precomputed bitmap gives rightsFault()'s answer (PFERR_P or 0).
+    const denied = ctx.keys
+      ? rightsFault(ctx, state, kind, user, implicit, rw, us, xd, pkey)
+      : (ctx.perm[permIndex(kind, user, !implicit && state.ac)]! >>> (rw | (us << 1) | (xd << 2))) & 1
     if (denied !== 0) return pageFault(ctx, res, la, kind, user, denied)
 
     // Final guest-physical address (`la & mask` is exact: bitwise ops see la's low 32 bits).

@@ -1,0 +1,14 @@
+/**
+ * The `mmusim` executable's entry (run from source by bin/mmusim.js with tsx and the
+ * `@mmusim/source` condition, or from the build).
+ */
+import { main } from './cli.ts'
+
+const code = await main(process.argv.slice(2), {
+  out: (s) => process.stdout.write(s),
+  err: (s) => process.stderr.write(s),
+  errIsTTY: process.stderr.isTTY,
+  cwd: process.cwd(),
+  env: process.env,
+})
+process.exitCode = code
