@@ -1,0 +1,131 @@
+/**
+ * FNAME(walk_addr_generic) for 4/5-level guests (paging_tmpl.h, shadow-mmu.md §8.3): the x86-hw
+ * walker run on the guest's tables in host memory, with a private paging context whose
+ * `nonLeafAOnDescent` is off, so — as KVM's software walker — A/D bits are written into guest
+ * memory only after the walk succeeded (top-down, compare-and-exchange, restart on a lost race).
+ * The per-level record FNAME(fetch) needs (table gfns, gPTE addresses and values, pt_access) is
+ * derived from the walk's path.
+ */
+import {
+  ACC_WRITE,
+  type AccessKind,
+  type CpuState,
+  type NestedTranslator,
+  PagingContext,
+  walk,
+  WALK_EXIT,
+  WALK_OK,
+  WALK_PF,
+  WalkResult,
+} from '@mmusim/x86-hw'
+import type { GuestMemory, KvmVcpu } from '@mmusim/kvm'
+import { ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK } from './mmu-page.ts'
+
+/**
+ * The walker's second dimension: guest page-table GPAs go through the memslots to host memory
+ * (`kvm_vcpu_gfn_to_hva` + `__get_user`); the final GPA is *not* touched (KVM's walker only
+ * computes the gfn; the pfn is looked up later by the fault path).
+ */
+class GptTranslator implements NestedTranslator {
+  readonly ptAccessIsWrite = false
+  gm: GuestMemory | null = null
+
+  translate(gpa: number, kind: AccessKind, final: boolean, res: WalkResult): number {
+    if (final) return gpa
+    return this.gm!.translate(gpa, kind, false, res)
+  }
+}
+
+/** `struct guest_walker`: one per vCPU, reused. Levels are indexed 1..5 (index 0 unused). */
+export class GuestWalker {
+  /** Leaf level (1 = 4K, 2 = 2M, 3 = 1G) and the guest's top level. */
+  level = 0
+  maxLevel = 0
+  /** The translated gfn (exact 4K frame, also inside a guest huge page). */
+  gfn = 0
+  /** ACC_* of the whole walk (`pte_access`), after protect_clean_gpte. */
+  pteAccess = 0
+  /** #PF error code when the walk failed. */
+  errorCode = 0
+  /** gfn of the guest table holding the gPTE of level L (`table_gfn[L-1]`). */
+  readonly tableGfn = new Float64Array(6)
+  /** GPA of the gPTE of level L (`pte_gpa[L-1]`). */
+  readonly pteGpa = new Float64Array(6)
+  /** gPTE of level L after the A/D update (`ptes[L-1]`). */
+  readonly ptesLo = new Uint32Array(6)
+  readonly ptesHi = new Uint32Array(6)
+  /** ACC_* accumulated over the gPTEs *above* the table of level L (`pt_access[L-1]`). */
+  readonly ptAccess = new Uint8Array(6)
+  /** The 8 gPTEs around the level-1 gPTE, read by gpte_changed (`prefetch_ptes`). */
+  readonly prefetchLo = new Uint32Array(8)
+  readonly prefetchHi = new Uint32Array(8)
+  readonly res = new WalkResult()
+  /** The software walker's paging context (KVM's walk_mmu), refreshed when the vCPU's changes. */
+  readonly ctx: PagingContext
+  private ctxGen = -1
+  private readonly translator = new GptTranslator()
+
+  constructor(vcpu: KvmVcpu) {
+    this.ctx = new PagingContext({ ...vcpu.hw.features, nonLeafAOnDescent: false })
+  }
+
+  /** Bring the private context up to date with the vCPU's (after CR0/CR3/CR4/EFER changes). */
+  refresh(vcpu: KvmVcpu): PagingContext {
+    const g = vcpu.hw.ctx.generation
+    if (g !== this.ctxGen) {
+      this.ctx.update(vcpu.hw.state)
+      this.ctxGen = g
+    }
+    return this.ctx
+  }
+
+  /**
+   * FNAME(walk_addr): walk `addr` for an access of `kind`. Returns true on success (fields set),
+   * false with `errorCode` set for a guest #PF.
+   */
+  walkAddr(vcpu: KvmVcpu, addr: number, kind: AccessKind, errorCode: number): boolean {
+    const ctx = this.refresh(vcpu)
+    const state: CpuState = vcpu.hw.state
+    // The error code says whether the access was a user access (PFERR_U); an implicit supervisor
+    // access at CPL 3 has it clear.
+    const implicit = state.cpl === 3 && (errorCode & 4) === 0
+    this.translator.gm = vcpu.guestMem
+    const res = this.res
+    const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res)
+    if (st !== WALK_OK) {
+      if (st === WALK_PF) this.errorCode = res.errorCode
+      else if (st === WALK_EXIT) {
+        // A guest table outside guest memory: KVM's walker fails like a not-present gPTE.
+        this.errorCode = (kind === ACC_WRITE ? 2 : 0) | (state.cpl === 3 && !implicit ? 4 : 0) | (kind === 2 && (ctx.nxe || ctx.smep) ? 16 : 0)
+      } else this.errorCode = 0
+      return false
+    }
+    const top = ctx.levels
+    const nxe = ctx.nxe
+    this.maxLevel = top
+    this.level = res.level
+    this.gfn = Math.floor(res.gpa / 4096)
+    let acc = ACC_ALL
+    for (let l = top; l >= res.level; l--) {
+      const lo = res.pathLo[l]!
+      const hi = res.pathHi[l]!
+      this.ptAccess[l] = acc
+      this.pteGpa[l] = res.pathGpa[l]!
+      this.tableGfn[l] = Math.floor(res.pathGpa[l]! / 4096)
+      this.ptesLo[l] = lo
+      this.ptesHi[l] = hi
+      acc &= gpteAccess(lo, hi, nxe)
+    }
+    // FNAME(protect_clean_gpte): a read/fetch of a clean page maps it read-only, so the first
+    // write faults and sets D.
+    if (kind !== ACC_WRITE && res.dirty === 0) acc &= ~ACC_WRITE_MASK
+    this.pteAccess = acc
+    return true
+  }
+}
+
+/** FNAME(gpte_access): ACC_* of one gPTE (NX only counts with EFER.NXE). */
+export function gpteAccess(lo: number, hi: number, nxe: boolean): number {
+  return ((lo & 2) !== 0 ? ACC_WRITE_MASK : 0) | ((lo & 4) !== 0 ? ACC_USER_MASK : 0) | (nxe && hi >>> 31 !== 0 ? 0 : ACC_EXEC_MASK)
+}
+

@@ -1,0 +1,2096 @@
+/**
+ * KVM's shadow MMU (arch/x86/kvm/mmu/mmu.c and paging_tmpl.h), driving either indirect shadow
+ * pages for shadow paging (`ept=0`) or direct shadow pages in EPT format (legacy TDP,
+ * `tdp_mmu=N`). Every function names the kernel function it models; shadow-mmu.md is the spec.
+ *
+ * Representation: a shadow page's `spt` is a host page the hardware walks; an SPTE is addressed
+ * by its host-physical address (`sptep`); SPTEs are read and written as two 32-bit halves.
+ */
+import {
+  CR0_WP,
+  CR4_SMAP,
+  CR4_SMEP,
+  EFER_NXE,
+  EptTranslator,
+  MODE_TDP,
+  PAGING_NONE,
+  PFERR_P,
+  PFERR_RSVD,
+  PFERR_U,
+  PFERR_W,
+  type PhysMem,
+} from '@mmusim/x86-hw'
+import {
+  cost,
+  type GuestMemory,
+  gfnToHvaMemslot,
+  gfnToIndex,
+  isLargePte,
+  isLpageDisallowed,
+  isMmioSpte,
+  isMmuWritableSpte,
+  isShadowPresentPte,
+  isWritablePte,
+  KVM_MEM_READONLY,
+  KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+  KVM_REQ_MMU_SYNC,
+  KvmError,
+  type KernelOp,
+  type KvmVcpu,
+  kvmIsVisibleMemslot,
+  kvmPagesPerHpage,
+  kvmSlotDirtyTrackEnabled,
+  leafSpteChangeNeedsTlbFlush,
+  makeMmioSpte,
+  makeNonLeafSpte,
+  makeSpte,
+  makeSpteFormat,
+  markSpteForAccessTrack,
+  type Memslot,
+  type MemslotChange,
+  type MmuInstance,
+  type PageFault,
+  RET_PF_EMULATE,
+  RET_PF_FIXED,
+  RET_PF_RETRY,
+  RET_PF_SPURIOUS,
+  type RetPf,
+  type Spte64,
+  type SpteFormat,
+  spteAdEnabled,
+  spteToPfn,
+  updateGfnDisallowLpageCount,
+  type Vm,
+  X86_SPTE_FORMAT,
+} from '@mmusim/kvm'
+import { auditShadowMmu } from './audit.ts'
+import { GuestWalker } from './guest-walker.ts'
+import {
+  ACC_ALL,
+  ACC_EXEC_MASK,
+  ACC_USER_MASK,
+  ACC_WRITE_MASK,
+  BATCH_ZAP_PAGES,
+  INVALID_INDEX,
+  KVM_MIN_ALLOC_MMU_PAGES,
+  KVM_MIN_FREE_MMU_PAGES,
+  KVM_MMU_HASH_SHIFT,
+  KVM_PAGE_ARRAY_NR,
+  KVM_PERMILLE_MMU_PAGES,
+  KVM_REFILL_PAGES,
+  listMove,
+  MmuPage,
+  PageList,
+  PTE_PREFETCH_NUM,
+  RMAP_RECYCLE_THRESHOLD,
+  ROLE_AD_DISABLED,
+  ROLE_CR0_WP,
+  ROLE_DIRECT,
+  ROLE_EFER_NX,
+  ROLE_INVALID,
+  ROLE_PASSTHROUGH,
+  ROLE_QUADRANT_MASK,
+  ROLE_SMAP_ANDNOT_WP,
+  ROLE_SMEP_ANDNOT_WP,
+  roleAccess,
+  roleWith,
+  SYNC_ROLE_IGN,
+} from './mmu-page.ts'
+import type { MmuConfig } from './options.ts'
+
+const INVALID_PAGE = -1
+/** `KVM_MMU_ROOT_CURRENT`, `KVM_MMU_ROOT_PREVIOUS(i)`, `KVM_MMU_ROOTS_ALL`. */
+export const KVM_MMU_ROOT_CURRENT = 1
+export const kvmMmuRootPrevious = (i: number): number => 1 << (1 + i)
+export const KVM_MMU_ROOTS_ALL = 0xf
+export const KVM_MMU_NUM_PREV_ROOTS = 3
+const ENOSPC = -28
+const EINTR = -4
+
+/** Test-only switches that re-introduce the hazards of the seeds (shadow-mmu.md §13.1). */
+export interface MmuHazards {
+  /** Seed 000: zap walkers do not restart when prepare-zap reports an unstable active list. */
+  seed000IgnoreUnstable: boolean
+  /**
+   * Seed 001: clear the parent's bit when an unsync child is added to the page vector (Lai's
+   * variant) and read mmu_pages_add()'s "full after add" as "not added" — dropping that page.
+   */
+  seed001DropFullEntry: boolean
+  /** Seed 003: trust stale unsync bits — a child with a set bit and no unsync children is synced as if unsync. */
+  seed003TrustStaleBits: boolean
+}
+
+/** Per-memslot data (`slot->arch.rmap[]`, `slot->arch.gfn_write_track`). */
+export interface SlotMmu {
+  /** rmap[level-1][gfnToIndex]: SPTE addresses of present leaves mapping that gfn/huge frame. */
+  readonly rmap: [(number[] | undefined)[], (number[] | undefined)[], (number[] | undefined)[]]
+  /** `gfn_write_track`. */
+  readonly writeTrack: Uint16Array
+}
+
+/** One root slot (`struct kvm_mmu_root_info`). */
+export interface RootInfo {
+  pgd: number
+  hpa: number
+}
+
+/** The vCPU's `struct kvm_mmu` (root_mmu) plus the walker. */
+export class VcpuMmu {
+  readonly vcpu: KvmVcpu
+  root: RootInfo = { pgd: 0, hpa: INVALID_PAGE }
+  readonly prevRoots: RootInfo[] = [
+    { pgd: 0, hpa: INVALID_PAGE },
+    { pgd: 0, hpa: INVALID_PAGE },
+    { pgd: 0, hpa: INVALID_PAGE },
+  ]
+  /** `cpu_role.base` and `root_role` words. */
+  cpuRole = 0
+  rootRole = 0
+  /** The context is direct (TDP, or a non-paging guest under shadow paging). */
+  direct = false
+  /** Guest paging levels (0 with paging off). */
+  guestLevels = 0
+  readonly walker: GuestWalker
+  /** Legacy TDP: translator per root hpa. */
+  translator: EptTranslator | null = null
+
+  constructor(vcpu: KvmVcpu) {
+    this.vcpu = vcpu
+    this.walker = new GuestWalker(vcpu)
+  }
+}
+
+/** Fault parameters of mmu_set_spte (a null `fault` in the kernel = prefetch/sync). */
+interface SetSpteFault {
+  write: boolean
+  prefetch: boolean
+  hostWritable: boolean
+}
+const PREFETCH_FAULT: SetSpteFault = { write: false, prefetch: true, hostWritable: true }
+
+/**
+ * The MMU of one VM: shadow pages, rmaps, write tracking, unsync, zapping, roots and the fault
+ * paths. One class serves both strategies; `config.tdp` selects legacy TDP (direct EPT pages).
+ */
+export class ShadowMmu implements MmuInstance {
+  readonly vm: Vm
+  readonly config: MmuConfig
+  readonly fmt: SpteFormat
+  readonly mem: PhysMem
+  readonly hazards: MmuHazards = { seed000IgnoreUnstable: false, seed001DropFullEntry: false, seed003TrustStaleBits: false }
+  /** `active_mmu_pages` (head = newest). */
+  readonly activeMmuPages = new PageList('active_mmu_pages')
+  /** `zapped_obsolete_pages`. */
+  readonly zappedObsoletePages = new PageList('zapped_obsolete_pages')
+  /** `mmu_page_hash`: 4096 buckets, most recent first. */
+  readonly mmuPageHash: (MmuPage[] | undefined)[] = new Array<MmuPage[] | undefined>(1 << KVM_MMU_HASH_SHIFT)
+  /** Every allocated shadow page by the pfn of its spt (`to_shadow_page`). */
+  readonly pageByPfn = new Map<number, MmuPage>()
+  nUsedMmuPages = 0
+  nRequestedMmuPages = 0
+  nMaxMmuPages = KVM_MIN_ALLOC_MMU_PAGES
+  indirectShadowPages = 0
+  mmuValidGen = 0
+  readonly vcpuMmus: VcpuMmu[] = []
+  /** WARN_ON()s hit (audit reports them). */
+  readonly warnings: string[] = []
+  /** Debug instrumentation: pages visited by zap walkers (tests of seed 000). */
+  zapVisitLog: MmuPage[] | null = null
+  /** Counters beyond KVM's stats. */
+  readonly counters = {
+    syncPages: 0,
+    syncSptes: 0,
+    unsyncWalks: 0,
+    prefetched: 0,
+    zapRestarts: 0,
+    trackWrites: 0,
+    fastFixed: 0,
+    sptesWrittenProtected: 0,
+  }
+  private readonly slotKey: string
+  /** Slots removed by a memslot update whose SPTEs may still be zapped (delete/move in flight). */
+  private readonly retiredSlots: Memslot[] = []
+  private readonly spte: Spte64 = { lo: 0, hi: 0 }
+  private wrprot = false
+  /** Scratch pvec (`struct kvm_mmu_pages`) and path (`struct mmu_page_path`). */
+  private readonly pvecSp: (MmuPage | null)[] = new Array<MmuPage | null>(KVM_PAGE_ARRAY_NR).fill(null)
+  private readonly pvecIdx = new Int32Array(KVM_PAGE_ARRAY_NR)
+  private pvecNr = 0
+  private readonly pathParent: (MmuPage | null)[] = [null, null, null, null, null, null]
+  private readonly pathIdx = new Int32Array(6)
+  private gLo = 0
+  private gHi = 0
+  private nrZapped = 0
+  private readonly hostWriteScratch = { hostWritable: true }
+
+  constructor(vm: Vm, config: MmuConfig) {
+    this.vm = vm
+    this.config = config
+    this.mem = vm.host.mem
+    this.fmt = config.tdp ? makeSpteFormat('ept', { adEnabled: config.eptAdBits, maxPhyAddr: vm.features.maxPhyAddr }) : X86_SPTE_FORMAT
+    this.slotKey = config.name
+    this.nRequestedMmuPages = config.pageQuota
+    if (config.pageQuota > 0) this.nMaxMmuPages = config.pageQuota
+  }
+
+  // ================================================================== helpers
+
+  private warn(msg: string): void {
+    if (this.warnings.length < 1000) this.warnings.push(msg)
+  }
+
+  private get costs() {
+    return this.vm.sched.costs
+  }
+
+  /** Read an SPTE: returns lo, hi in `this.mem.hi64`. */
+  private readSpte(sptep: number): number {
+    return this.mem.read64(sptep)
+  }
+
+  private writeSpte(sptep: number, lo: number, hi: number): void {
+    this.mem.write64(sptep, lo >>> 0, hi >>> 0)
+  }
+
+  /** `to_shadow_page(hpa)` / `spte_to_child_sp`. */
+  spOfHpa(hpa: number): MmuPage {
+    const sp = this.pageByPfn.get(Math.floor(hpa / 4096))
+    if (sp === undefined) throw new KvmError('EIO', `shadow-mmu: no shadow page at hpa 0x${hpa.toString(16)}`)
+    return sp
+  }
+
+  private childOf(lo: number, hi: number): MmuPage {
+    return this.spOfHpa(spteToPfn(lo, hi) * 4096)
+  }
+
+  /** `sptep_to_sp`. */
+  spOfSptep(sptep: number): MmuPage {
+    return this.spOfHpa(sptep - (sptep % 4096))
+  }
+
+  /** The vCPU's MMU context. */
+  vmmu(vcpu: KvmVcpu): VcpuMmu {
+    return this.vcpuMmus[vcpu.id]!
+  }
+
+  /** Memslot of `gfn` in address space `asId`, including slots being deleted (their SPTEs are zapped first in KVM). */
+  slotForGfn(asId: number, gfn: number): Memslot | null {
+    const s = this.vm.memslots.gfnToMemslot(asId, gfn)
+    if (s !== null) return s
+    for (const r of this.retiredSlots) if (r.asId === asId && gfn >= r.baseGfn && gfn < r.baseGfn + r.npages) return r
+    return null
+  }
+
+  /** The slot's rmaps and write-track counts (allocated on first use). */
+  slotMmu(slot: Memslot): SlotMmu {
+    let d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    if (d === undefined) {
+      const n2 = slot.arch.lpageInfo[0].length
+      const n3 = slot.arch.lpageInfo[1].length
+      d = {
+        rmap: [new Array<number[] | undefined>(slot.npages), new Array<number[] | undefined>(n2), new Array<number[] | undefined>(n3)],
+        writeTrack: new Uint16Array(slot.npages),
+      }
+      slot.arch.mmu.set(this.slotKey, d)
+    }
+    return d
+  }
+
+  /** `kvm_mmu_page_get_gfn(sp, index)`. */
+  spGetGfn(sp: MmuPage, i: number): number {
+    if (sp.shadowedGfn !== null) return sp.shadowedGfn[i]!
+    if ((sp.role & ROLE_PASSTHROUGH) !== 0) return sp.gfn
+    return sp.gfn + i * kvmPagesPerHpage(sp.level)
+  }
+
+  /** `kvm_mmu_page_get_access(sp, index)`. */
+  spGetAccess(sp: MmuPage, i: number): number {
+    if (sp.shadowedAccess !== null) return sp.shadowedAccess[i]!
+    return roleAccess(sp.role)
+  }
+
+  /** `is_obsolete_sp`. */
+  isObsoleteSp(sp: MmuPage): boolean {
+    return sp.invalid || sp.mmuValidGen !== this.mmuValidGen
+  }
+
+  private asIdOf(sp: MmuPage): number {
+    return sp.role >>> 24
+  }
+
+  private hashBucket(gfn: number): MmuPage[] {
+    const h = gfn % (1 << KVM_MMU_HASH_SHIFT)
+    let b = this.mmuPageHash[h]
+    if (b === undefined) this.mmuPageHash[h] = b = []
+    return b
+  }
+
+  /** Every shadow page in the hash (live, or zapped and awaiting commit). */
+  *allPages(): Generator<MmuPage> {
+    for (const b of this.mmuPageHash) if (b !== undefined) yield* b
+  }
+
+  private check(): void {
+    if (!this.config.auditEveryOp) return
+    const v = this.audit()
+    if (v.length > 0) throw new KvmError('EIO', `shadow-mmu audit failed:\n  ${v.slice(0, 10).join('\n  ')}`)
+  }
+
+  // ================================================================== MmuInstance: vCPUs and roots
+
+  vcpuCreate(vcpu: KvmVcpu): void {
+    const v = new VcpuMmu(vcpu)
+    this.vcpuMmus[vcpu.id] = v
+    this.initMmu(v)
+  }
+
+  hasValidRoot(vcpu: KvmVcpu): boolean {
+    return this.vmmu(vcpu).root.hpa !== INVALID_PAGE
+  }
+
+  /**
+   * kvm_init_mmu(): compute `cpu_role` and `root_role` from CR0/CR4/EFER (shadow paging,
+   * kvm_calc_cpu_role + kvm_init_shadow_mmu) or the TDP root role (kvm_calc_tdp_mmu_root_page_role).
+   */
+  private initMmu(v: VcpuMmu): void {
+    const hw = v.vcpu.hw
+    if (this.config.tdp) {
+      v.direct = true
+      v.guestLevels = hw.ctx.levels
+      v.cpuRole = ROLE_DIRECT | (ACC_ALL << 8)
+      v.rootRole = ROLE_DIRECT | (ACC_ALL << 8) | ROLE_CR0_WP | ROLE_EFER_NX | this.config.eptLevels | (this.config.eptAdBits ? 0 : ROLE_AD_DISABLED)
+      return
+    }
+    const ctx = hw.ctx
+    const s = hw.state
+    if (ctx.mode === PAGING_NONE) {
+      v.direct = true
+      v.guestLevels = 0
+      v.cpuRole = ROLE_DIRECT | (ACC_ALL << 8)
+      // KVM uses PAE roots for non-paging guests; the modelled hardware walks 4/5-level tables only.
+      v.rootRole = ROLE_DIRECT | (ACC_ALL << 8) | ROLE_EFER_NX | 4
+      return
+    }
+    v.direct = false
+    v.guestLevels = ctx.levels
+    const wp = (s.cr0 & CR0_WP) !== 0
+    let role = (ACC_ALL << 8) | ctx.levels
+    if ((s.efer & EFER_NXE) !== 0) role |= ROLE_EFER_NX
+    if (wp) role |= ROLE_CR0_WP
+    if ((s.cr4 & CR4_SMEP) !== 0 && !wp) role |= ROLE_SMEP_ANDNOT_WP
+    if ((s.cr4 & CR4_SMAP) !== 0 && !wp) role |= ROLE_SMAP_ANDNOT_WP
+    v.cpuRole = role >>> 0
+    v.rootRole = (role | ROLE_EFER_NX) >>> 0
+  }
+
+  /** kvm_mmu_load(): allocate the root, sync it, load it into hardware, flush the current context. */
+  *load(vcpu: KvmVcpu): KernelOp<number> {
+    const v = this.vmmu(vcpu)
+    const vm = this.vm
+    yield* vm.mmuLock.writeLock()
+    try {
+      const r = this.makeMmuPagesAvailable()
+      if (r < 0) return r
+      if (v.direct) {
+        // mmu_alloc_direct_roots()
+        v.root.hpa = this.mmuAllocRoot(v, 0, v.rootRole & 0xf)
+        v.root.pgd = 0
+      } else {
+        // mmu_alloc_shadow_roots()
+        const pgd = vcpu.hw.state.cr3
+        const rootGfn = Math.floor(vcpu.hw.ctx.root / 4096)
+        if (!kvmIsVisibleMemslot(this.slotForGfn(vcpu.asId, rootGfn))) {
+          throw new KvmError('EFAULT', `shadow-mmu: guest CR3 0x${pgd.toString(16)} is not in guest memory (KVM would use the dummy root)`)
+        }
+        v.root.hpa = this.mmuAllocRoot(v, rootGfn, v.guestLevels)
+        v.root.pgd = pgd
+      }
+    } finally {
+      vm.mmuLock.writeUnlock()
+    }
+    yield* this.syncRoots(vcpu)
+    this.loadPgd(v)
+    vcpu.hw.flushCurrent()
+    this.check()
+    return 0
+  }
+
+  /** kvm_mmu_load_pgd(): point the hardware at the current root. */
+  private loadPgd(v: VcpuMmu): void {
+    const hw = v.vcpu.hw
+    const hpa = v.root.hpa
+    if (hpa === INVALID_PAGE) return
+    if (this.config.tdp) {
+      if (v.translator?.root !== hpa) {
+        v.translator = new EptTranslator(this.mem, this.vm.features, { root: hpa, levels: this.config.eptLevels, adEnabled: this.config.eptAdBits })
+        if (hw.mode !== MODE_TDP) hw.setTdpMode(this.mem, v.translator, 1)
+        else hw.setNested(v.translator, 1)
+      }
+      return
+    }
+    const levels: 4 | 5 = this.spOfHpa(hpa).level === 5 ? 5 : 4
+    if (hw.shadowLevels !== levels) hw.setShadowMode(this.mem, 1, levels)
+    hw.loadShadowRoot(hpa)
+  }
+
+  /** mmu_alloc_root(): find or create the root page and take a root reference. */
+  private mmuAllocRoot(v: VcpuMmu, gfn: number, level: number): number {
+    const role = ((v.rootRole & ~0xf) | level) >>> 0
+    const sp = this.kvmMmuGetShadowPage(v, gfn, role)
+    sp.rootCount++
+    return sp.hpa
+  }
+
+  /** mmu_free_root_page(): drop a root reference; an invalid root is zapped again when unreferenced. */
+  private mmuFreeRootPage(root: RootInfo, invalid: PageList): void {
+    if (root.hpa === INVALID_PAGE) return
+    const sp = this.spOfHpa(root.hpa)
+    if (--sp.rootCount === 0 && sp.invalid) this.kvmMmuPrepareZapPage(sp, invalid)
+    if (sp.rootCount < 0) this.warn(`root_count of ${sp.toString()} went negative`)
+    root.hpa = INVALID_PAGE
+    root.pgd = 0
+  }
+
+  /** kvm_mmu_free_roots(kvm, mmu, roots_to_free). */
+  *kvmMmuFreeRoots(v: VcpuMmu, rootsToFree: number): KernelOp {
+    const freeActive = (rootsToFree & KVM_MMU_ROOT_CURRENT) !== 0 && v.root.hpa !== INVALID_PAGE
+    if (!freeActive) {
+      let any = false
+      for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) if ((rootsToFree & kvmMmuRootPrevious(i)) !== 0 && v.prevRoots[i]!.hpa !== INVALID_PAGE) any = true
+      if (!any) return
+    }
+    yield* this.vm.mmuLock.writeLock()
+    const invalid = new PageList('invalid_list')
+    for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) if ((rootsToFree & kvmMmuRootPrevious(i)) !== 0) this.mmuFreeRootPage(v.prevRoots[i]!, invalid)
+    if (freeActive) this.mmuFreeRootPage(v.root, invalid)
+    this.kvmMmuCommitZapPage(invalid)
+    this.vm.mmuLock.writeUnlock()
+  }
+
+  /** kvm_mmu_unload(): free every root of the vCPU. */
+  *unload(vcpu: KvmVcpu): KernelOp {
+    yield* this.kvmMmuFreeRoots(this.vmmu(vcpu), KVM_MMU_ROOTS_ALL)
+    this.check()
+  }
+
+  /** kvm_mmu_reset_context(): unload, then re-init the roles. */
+  *resetContext(vcpu: KvmVcpu): KernelOp {
+    const v = this.vmmu(vcpu)
+    yield* this.kvmMmuFreeRoots(v, KVM_MMU_ROOTS_ALL)
+    this.initMmu(v)
+    this.check()
+  }
+
+  /** is_root_usable(). */
+  private isRootUsable(root: RootInfo, pgd: number, role: number): boolean {
+    if (root.hpa === INVALID_PAGE) return false
+    if ((role & ROLE_DIRECT) === 0 && pgd !== root.pgd) return false
+    const sp = this.pageByPfn.get(root.hpa / 4096)
+    return sp?.role === role
+  }
+
+  /** kvm_mmu_new_pgd() → fast_pgd_switch(): reuse a cached root for the new CR3, rotating prev_roots. */
+  *newPgd(vcpu: KvmVcpu, cr3: number): KernelOp {
+    const v = this.vmmu(vcpu)
+    if (v.direct && this.config.tdp) return
+    // The role may have to follow a paging-mode change that arrives through CR3 alone (never, on x86).
+    const role = v.rootRole
+    let found = false
+    if (v.root.hpa !== INVALID_PAGE) {
+      // cached_root_find_and_keep_current()
+      if (this.isRootUsable(v.root, cr3, role)) found = true
+      else {
+        for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) {
+          const t = v.root
+          v.root = v.prevRoots[i]!
+          v.prevRoots[i] = t
+          if (this.isRootUsable(v.root, cr3, role)) {
+            found = true
+            break
+          }
+        }
+        if (!found) yield* this.kvmMmuFreeRoots(v, KVM_MMU_ROOT_CURRENT)
+      }
+    } else {
+      // cached_root_find_without_current()
+      for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) {
+        if (this.isRootUsable(v.prevRoots[i]!, cr3, role)) {
+          const t = v.root
+          v.root = v.prevRoots[i]!
+          v.prevRoots[i] = t
+          for (; i < KVM_MMU_NUM_PREV_ROOTS - 1; i++) v.prevRoots[i] = v.prevRoots[i + 1]!
+          v.prevRoots[i] = { pgd: 0, hpa: INVALID_PAGE }
+          found = true
+          break
+        }
+      }
+    }
+    if (!found) return
+    // KVM_REQ_LOAD_MMU_PGD: the hardware switches root before the next entry.
+    this.loadPgd(v)
+    if (v.root.hpa !== INVALID_PAGE) this.spOfHpa(v.root.hpa).writeFloodingCount = 0
+    this.check()
+  }
+
+  /** The pcid of a root's pgd (kvm_get_pcid) — only meaningful with CR4.PCIDE. */
+  private pcidOf(vcpu: KvmVcpu, pgd: number): number {
+    return vcpu.hw.ctx.pcide ? pgd % 4096 : 0
+  }
+
+  /** kvm_invalidate_pcid()'s MMU part: free the previous roots with that PCID. */
+  *invalidatePcid(vcpu: KvmVcpu, pcid: number): KernelOp {
+    const v = this.vmmu(vcpu)
+    if (v.direct) return
+    let roots = 0
+    for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) if (this.pcidOf(vcpu, v.prevRoots[i]!.pgd) === pcid) roots |= kvmMmuRootPrevious(i)
+    yield* this.kvmMmuFreeRoots(v, roots)
+    this.check()
+  }
+
+  /** kvm_mmu_invlpg() / kvm_mmu_invpcid_gva() → kvm_mmu_invalidate_addr(). */
+  *invalidateGva(vcpu: KvmVcpu, gva: number, pcid: number): KernelOp {
+    const v = this.vmmu(vcpu)
+    if (v.direct) return // no sync_spte hook
+    if (pcid < 0 || pcid === this.pcidOf(vcpu, v.root.pgd)) yield* this.invalidateAddrRoot(v, gva, v.root.hpa)
+    for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) {
+      const r = v.prevRoots[i]!
+      if (pcid < 0 || this.pcidOf(vcpu, r.pgd) === pcid) yield* this.invalidateAddrRoot(v, gva, r.hpa)
+    }
+    this.check()
+  }
+
+  /** __kvm_mmu_invalidate_addr(): sync the one SPTE for `addr` in every unsync page on the path. */
+  private *invalidateAddrRoot(v: VcpuMmu, addr: number, rootHpa: number): KernelOp {
+    if (rootHpa === INVALID_PAGE) return
+    yield* this.vm.mmuLock.writeLock()
+    try {
+      let sp = this.spOfHpa(rootHpa)
+      for (;;) {
+        const idx = spteIndex(addr, sp.level)
+        const sptep = sp.hpa + idx * 8
+        if (sp.unsync) {
+          const ret = this.syncSpte(v, sp, idx)
+          if (ret < 0) this.mmuPageZapPte(sp, idx, null)
+          if (ret !== 0) this.vm.flushRemoteTlbs()
+        }
+        if (sp.unsyncChildren === 0) break
+        const lo = this.readSpte(sptep)
+        const hi = this.mem.hi64
+        if (!isShadowPresentPte(lo) || sp.level === 1 || isLargePte(lo)) break
+        sp = this.childOf(lo, hi)
+      }
+    } finally {
+      this.vm.mmuLock.writeUnlock()
+    }
+  }
+
+  /** is_unsync_root(). */
+  private isUnsyncRoot(hpa: number): boolean {
+    if (hpa === INVALID_PAGE) return false
+    const sp = this.pageByPfn.get(hpa / 4096)
+    if (sp === undefined) return false
+    return sp.unsync || sp.unsyncChildren !== 0
+  }
+
+  /** kvm_mmu_sync_roots(). */
+  *syncRoots(vcpu: KvmVcpu): KernelOp {
+    const v = this.vmmu(vcpu)
+    if (v.direct || v.root.hpa === INVALID_PAGE) return
+    if (!this.isUnsyncRoot(v.root.hpa)) return
+    yield* this.vm.mmuLock.writeLock()
+    try {
+      yield* this.mmuSyncChildren(v, this.spOfHpa(v.root.hpa), true)
+    } finally {
+      this.vm.mmuLock.writeUnlock()
+    }
+    this.check()
+  }
+
+  /** kvm_vcpu_flush_tlb_guest(): sync the current root, free unsync previous roots. */
+  *flushTlbGuest(vcpu: KvmVcpu): KernelOp {
+    if (this.config.tdp) return
+    yield* this.syncRoots(vcpu)
+    // kvm_mmu_sync_prev_roots()
+    const v = this.vmmu(vcpu)
+    let roots = 0
+    for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) if (this.isUnsyncRoot(v.prevRoots[i]!.hpa)) roots |= kvmMmuRootPrevious(i)
+    yield* this.kvmMmuFreeRoots(v, roots)
+    this.check()
+  }
+
+  /** is_obsolete_root(). */
+  private isObsoleteRoot(hpa: number): boolean {
+    if (hpa === INVALID_PAGE) return false
+    const sp = this.pageByPfn.get(hpa / 4096)
+    return sp === undefined || this.isObsoleteSp(sp)
+  }
+
+  /** kvm_mmu_free_obsolete_roots(). */
+  *freeObsoleteRoots(vcpu: KvmVcpu): KernelOp {
+    const v = this.vmmu(vcpu)
+    let roots = 0
+    if (this.isObsoleteRoot(v.root.hpa)) roots |= KVM_MMU_ROOT_CURRENT
+    for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) if (this.isObsoleteRoot(v.prevRoots[i]!.hpa)) roots |= kvmMmuRootPrevious(i)
+    if (roots !== 0) yield* this.kvmMmuFreeRoots(v, roots)
+    this.check()
+  }
+
+  // ================================================================== shadow page lookup and allocation
+
+  /** kvm_mmu_child_role(). */
+  private childRole(parentRole: number, direct: boolean, access: number): number {
+    let role = roleWith(parentRole, (parentRole & 0xf) - 1, access)
+    role &= ~(ROLE_DIRECT | ROLE_PASSTHROUGH | ROLE_QUADRANT_MASK | ROLE_INVALID)
+    if (direct) role |= ROLE_DIRECT
+    return role >>> 0
+  }
+
+  /** kvm_mmu_get_shadow_page() = kvm_mmu_find_shadow_page() or kvm_mmu_alloc_shadow_page(). */
+  kvmMmuGetShadowPage(v: VcpuMmu, gfn: number, role: number): MmuPage {
+    const bucket = this.hashBucket(gfn)
+    const invalid = new PageList('invalid_list')
+    let found: MmuPage | null = null
+    let collisions = 0
+    for (let i = 0; i < bucket.length; i++) {
+      const sp = bucket[i]!
+      if (this.isObsoleteSp(sp)) continue
+      if (sp.gfn !== gfn) {
+        collisions++
+        continue
+      }
+      if (sp.role !== role) {
+        // The gfn is becoming an upper-level table: an unsync page of it cannot stay writable.
+        if ((role & 0xf) > 1 && sp.unsync) this.kvmMmuPrepareZapPage(sp, invalid)
+        continue
+      }
+      if (!sp.direct && sp.unsync) {
+        // A transient sync: re-read the gPTEs without write-protecting or clearing unsync.
+        const ret = this.kvmSyncPage(v, sp, invalid)
+        if (ret < 0) break
+        if (ret > 0) this.vm.flushRemoteTlbs()
+      }
+      sp.writeFloodingCount = 0
+      found = sp
+      break
+    }
+    if (found === null) this.vm.stats.mmu_cache_miss++
+    this.kvmMmuCommitZapPage(invalid)
+    if (collisions > this.vm.stats.max_mmu_page_hash_collisions) this.vm.stats.max_mmu_page_hash_collisions = collisions
+    return found ?? this.kvmMmuAllocShadowPage(gfn, role, bucket)
+  }
+
+  /** kvm_mmu_alloc_shadow_page(). */
+  private kvmMmuAllocShadowPage(gfn: number, role: number, bucket: MmuPage[]): MmuPage {
+    const hpa = this.vm.allocMmuPage()
+    const sp = new MmuPage(gfn, role, hpa, this.mmuValidGen)
+    this.pageByPfn.set(hpa / 4096, sp)
+    this.activeMmuPages.addHead(sp)
+    this.nUsedMmuPages++
+    this.vm.stats.mmu_shadow_pages++
+    bucket.unshift(sp)
+    if (sp.hasGptes) this.accountShadowed(sp)
+    return sp
+  }
+
+  /** account_shadowed(): write-track (level > 1) or just write-protect (level 1) the shadowed gfn. */
+  private accountShadowed(sp: MmuPage): void {
+    this.indirectShadowPages++
+    const slot = this.slotForGfn(this.asIdOf(sp), sp.gfn)
+    if (slot === null) return
+    if (sp.level > 1) {
+      // __kvm_write_track_add_gfn()
+      this.slotMmu(slot).writeTrack[sp.gfn - slot.baseGfn]!++
+      updateGfnDisallowLpageCount(slot, sp.gfn, 1)
+      if (this.slotGfnWriteProtect(slot, sp.gfn, 1, true)) this.vm.flushRemoteTlbs()
+      return
+    }
+    updateGfnDisallowLpageCount(slot, sp.gfn, 1)
+    if (this.slotGfnWriteProtect(slot, sp.gfn, 1, true)) this.vm.flushRemoteTlbs()
+  }
+
+  /** unaccount_shadowed(). */
+  private unaccountShadowed(sp: MmuPage): void {
+    this.indirectShadowPages--
+    const slot = this.slotForGfn(this.asIdOf(sp), sp.gfn)
+    if (slot === null) return
+    if (sp.level > 1) this.slotMmu(slot).writeTrack[sp.gfn - slot.baseGfn]!--
+    updateGfnDisallowLpageCount(slot, sp.gfn, -1)
+  }
+
+  /** kvm_gfn_is_write_tracked(). */
+  gfnIsWriteTracked(asId: number, gfn: number): boolean {
+    const slot = this.slotForGfn(asId, gfn)
+    if (slot === null) return false
+    const d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    return d !== undefined && d.writeTrack[gfn - slot.baseGfn]! > 0
+  }
+
+  // ================================================================== linking
+
+  /** link_shadow_page(): point `sptep` (in `parent` at `idx`) at `sp`. */
+  private linkShadowPage(parent: MmuPage, idx: number, sp: MmuPage): void {
+    const sptep = parent.hpa + idx * 8
+    const lo = this.readSpte(sptep)
+    if (isShadowPresentPte(lo)) {
+      // drop_large_spte(): the entry must be a huge leaf being replaced by a table.
+      if (!isLargePte(lo)) this.warn(`link_shadow_page over a non-leaf SPTE in ${parent.toString()}[${idx}]`)
+      this.dropSpte(parent, idx)
+      this.vm.flushRemoteTlbs()
+    }
+    const s = makeNonLeafSpte(this.spte, this.fmt, sp.hpa, (sp.role & ROLE_AD_DISABLED) !== 0)
+    this.writeSpte(sptep, s.lo, s.hi)
+    this.vm.sched.charge(this.costs.memoryRef)
+    sp.addParent(parent, idx)
+    if (sp.unsyncChildren !== 0) this.warn(`link_shadow_page: ${sp.toString()} still has unsync children`)
+    if (sp.unsyncChildren !== 0 || sp.unsync) this.markUnsync(parent, idx)
+  }
+
+  /** drop_parent_pte(): unlink `sp` from the parent SPTE and clear it (the child may become an orphan). */
+  private dropParentPte(sp: MmuPage, parent: MmuPage, idx: number): void {
+    if (!sp.removeParent(parent, idx)) this.warn(`drop_parent_pte: ${parent.toString()}[${idx}] is not a parent of ${sp.toString()}`)
+    this.writeSpte(parent.hpa + idx * 8, 0, 0)
+  }
+
+  /** validate_direct_spte(): a direct child with other access must be replaced. */
+  private validateDirectSpte(parent: MmuPage, idx: number, access: number): void {
+    const lo = this.readSpte(parent.hpa + idx * 8)
+    const hi = this.mem.hi64
+    if (!isShadowPresentPte(lo) || isLargePte(lo)) return
+    const child = this.childOf(lo, hi)
+    if (roleAccess(child.role) === access) return
+    this.dropParentPte(child, parent, idx)
+    this.vm.flushRemoteTlbs()
+  }
+
+  // ================================================================== rmaps and SPTE updates
+
+  private rmapHead(slot: Memslot, level: number, gfn: number, create: boolean): number[] | undefined {
+    const d = this.slotMmu(slot)
+    const arr = d.rmap[level - 1]!
+    const i = gfnToIndex(gfn, slot.baseGfn, level)
+    let h = arr[i]
+    if (h === undefined && create) arr[i] = h = []
+    return h
+  }
+
+  private updatePageStats(level: number, delta: number): void {
+    const s = this.vm.stats
+    if (level === 1) s.pages_4k += delta
+    else if (level === 2) s.pages_2m += delta
+    else s.pages_1g += delta
+  }
+
+  /** rmap_add(). */
+  private rmapAdd(slot: Memslot, sp: MmuPage, idx: number, gfn: number, access: number): void {
+    if (sp.shadowedGfn !== null) {
+      sp.shadowedGfn[idx] = gfn
+      sp.shadowedAccess![idx] = access
+    }
+    this.updatePageStats(sp.level, 1)
+    const head = this.rmapHead(slot, sp.level, gfn, true)!
+    head.push(sp.hpa + idx * 8)
+    const n = head.length
+    if (n > this.vm.stats.max_mmu_rmap_size) this.vm.stats.max_mmu_rmap_size = n
+    if (n > RMAP_RECYCLE_THRESHOLD) {
+      // kvm_zap_all_rmap_sptes()
+      while (head.length > 0) this.dropSpteAt(head[head.length - 1]!)
+      this.vm.flushRemoteTlbs()
+    }
+  }
+
+  /** rmap_remove(). */
+  private rmapRemove(sp: MmuPage, idx: number): void {
+    const gfn = this.spGetGfn(sp, idx)
+    const slot = this.slotForGfn(this.asIdOf(sp), gfn)
+    const sptep = sp.hpa + idx * 8
+    const head = slot === null ? undefined : this.rmapHead(slot, sp.level, gfn, false)
+    const i = head === undefined ? -1 : head.indexOf(sptep)
+    if (i < 0) {
+      this.warn(`rmap_remove: SPTE ${sp.toString()}[${idx}] for gfn 0x${gfn.toString(16)} is in no rmap`)
+      return
+    }
+    const last = head!.length - 1
+    head![i] = head![last]!
+    head!.pop()
+  }
+
+  /** drop_spte(): clear a leaf and remove it from its rmap. */
+  private dropSpte(sp: MmuPage, idx: number): void {
+    const sptep = sp.hpa + idx * 8
+    const lo = this.readSpte(sptep)
+    this.writeSpte(sptep, 0, 0)
+    if (isShadowPresentPte(lo)) {
+      this.rmapRemove(sp, idx)
+      this.updatePageStats(sp.level, -1)
+    }
+  }
+
+  private dropSpteAt(sptep: number): void {
+    const sp = this.spOfSptep(sptep)
+    this.dropSpte(sp, (sptep % 4096) / 8)
+  }
+
+  /** mmu_page_zap_pte(): zap one entry of `sp`; a non-leaf only loses its link (child orphaned). */
+  private mmuPageZapPte(sp: MmuPage, idx: number, _invalid: PageList | null): boolean {
+    const sptep = sp.hpa + idx * 8
+    const lo = this.readSpte(sptep)
+    const hi = this.mem.hi64
+    if (isShadowPresentPte(lo)) {
+      if (sp.level === 1 || isLargePte(lo)) this.dropSpte(sp, idx)
+      else this.dropParentPte(this.childOf(lo, hi), sp, idx)
+      return true
+    }
+    if ((lo | hi) !== 0 && isMmioSpte(this.fmt, lo, hi)) this.writeSpte(sptep, 0, 0)
+    return false
+  }
+
+  /** spte_write_protect() over an rmap; `ptProtect` also clears MMU-writable. Returns whether a flush is needed. */
+  private rmapWriteProtect(head: number[] | undefined, ptProtect: boolean): boolean {
+    if (head === undefined) return false
+    const fmt = this.fmt
+    let flush = false
+    for (let i = 0; i < head.length; i++) {
+      const sptep = head[i]!
+      let lo = this.readSpte(sptep)
+      let hi = this.mem.hi64
+      const mmuW = isMmuWritableSpte(fmt, lo, hi)
+      if (!isWritablePte(lo) && !(ptProtect && mmuW)) continue
+      if (isWritablePte(lo)) flush = true
+      if (ptProtect) {
+        lo &= ~fmt.mmuWritableLo
+        hi &= ~fmt.mmuWritableHi
+        if (mmuW) flush = true
+      }
+      lo &= ~2
+      this.writeSpte(sptep, lo, hi)
+      this.counters.sptesWrittenProtected++
+    }
+    return flush
+  }
+
+  /** kvm_mmu_slot_gfn_write_protect(slot, gfn, min_level) with pt_protect (levels min..3). */
+  private slotGfnWriteProtect(slot: Memslot, gfn: number, minLevel: number, ptProtect: boolean): boolean {
+    let flush = false
+    for (let level = minLevel; level <= 3; level++) flush = this.rmapWriteProtect(this.rmapHead(slot, level, gfn, false), ptProtect) || flush
+    return flush
+  }
+
+  // ================================================================== make_spte / mmu_set_spte
+
+  /**
+   * make_spte(): the SPTE for `pfn` with `access` into `this.spte`; sets `this.wrprot` when the
+   * write had to be refused (the gfn is shadowed and cannot go unsync).
+   */
+  private makeSpteFor(sp: MmuPage, slot: Memslot | null, access: number, gfn: number, pfn: number, oldLo: number, prefetch: boolean, synchronizing: boolean, hostWritable: boolean): Spte64 {
+    const level = sp.level
+    let acc = access
+    if (!hostWritable) acc &= ~ACC_WRITE_MASK
+    let writable = false
+    this.wrprot = false
+    if ((acc & ACC_WRITE_MASK) !== 0) {
+      writable = true
+      if (!isWritablePte(oldLo) && slot !== null && this.mmuTryToUnsyncPages(slot, gfn, synchronizing, prefetch) !== 0) {
+        this.wrprot = true
+        writable = false
+        acc &= ~ACC_WRITE_MASK
+      }
+    }
+    const ad = (sp.role & ROLE_AD_DISABLED) === 0
+    const s = makeSpte(this.spte, this.fmt, {
+      hpa: pfn * 4096,
+      level,
+      writable,
+      user: (acc & ACC_USER_MASK) !== 0,
+      exec: (acc & ACC_EXEC_MASK) !== 0,
+      accessed: !prefetch || synchronizing,
+      dirty: writable,
+      hostWritable,
+      mmuWritable: writable,
+      adEnabled: ad,
+    })
+    if (writable && slot !== null && kvmSlotDirtyTrackEnabled(slot)) {
+      if (level > 1) this.warn(`make_spte: writable huge SPTE in dirty-logged slot ${slot.id}`)
+      this.vm.memslots.markPageDirty(slot, gfn)
+    }
+    return s
+  }
+
+  /** mmu_try_to_unsync_pages(): 0, or non-zero to keep the SPTE write-protected. */
+  private mmuTryToUnsyncPages(slot: Memslot, gfn: number, synchronizing: boolean, prefetch: boolean): number {
+    const d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    if (d !== undefined && d.writeTrack[gfn - slot.baseGfn]! > 0) return -1 // -EPERM
+    if (this.indirectShadowPages === 0) return 0
+    const bucket = this.mmuPageHash[gfn % (1 << KVM_MMU_HASH_SHIFT)]
+    if (bucket === undefined) return 0
+    for (let i = 0; i < bucket.length; i++) {
+      const sp = bucket[i]!
+      if (sp.gfn !== gfn || !sp.hasGptes || this.isObsoleteSp(sp)) continue
+      if (synchronizing) return -1
+      if (sp.unsync) continue
+      if (prefetch) return -17 // -EEXIST
+      if (!this.config.unsync) return -1
+      if (sp.level !== 1) this.warn(`mmu_try_to_unsync_pages: ${sp.toString()} is not level 1`)
+      this.kvmUnsyncPage(sp)
+    }
+    return 0
+  }
+
+  /** kvm_unsync_page(). */
+  private kvmUnsyncPage(sp: MmuPage): void {
+    this.vm.stats.mmu_unsync++
+    sp.unsync = true
+    this.markParentsUnsync(sp)
+  }
+
+  /** kvm_mmu_mark_parents_unsync(). */
+  private markParentsUnsync(sp: MmuPage): void {
+    for (let i = 0; i < sp.parentSps.length; i++) this.markUnsync(sp.parentSps[i]!, sp.parentIdx[i]!)
+  }
+
+  /** mark_unsync(): set the bit for this edge; the first unsync child propagates further up. */
+  private markUnsync(parent: MmuPage, idx: number): void {
+    if (parent.testAndSetUnsyncChildBit(idx)) return
+    if (parent.unsyncChildren++ !== 0) return
+    this.markParentsUnsync(parent)
+  }
+
+  /**
+   * mmu_set_spte(): install the leaf for `pfn` at `sp[idx]`. Returns RET_PF_FIXED, _SPURIOUS or
+   * _EMULATE (the write was refused because the gfn is a write-protected shadowed table).
+   */
+  private mmuSetSpte(slot: Memslot | null, sp: MmuPage, idx: number, access: number, gfn: number, pfn: number, fault: SetSpteFault): RetPf {
+    const sptep = sp.hpa + idx * 8
+    const level = sp.level
+    if (slot === null) {
+      // mark_mmio_spte()
+      const gen = this.vm.memslots.space(this.asIdOf(sp)).generation
+      const s = makeMmioSpte(this.spte, this.fmt, gfn, access, gen)
+      this.writeSpte(sptep, s.lo, s.hi)
+      return RET_PF_EMULATE
+    }
+    let flush = false
+    let wasRmapped = false
+    let oldLo = this.readSpte(sptep)
+    let oldHi = this.mem.hi64
+    if (isShadowPresentPte(oldLo)) {
+      if (level > 1 && !isLargePte(oldLo)) {
+        // A huge leaf replaces a table: the child is orphaned.
+        this.dropParentPte(this.childOf(oldLo, oldHi), sp, idx)
+        flush = true
+      } else if (pfn !== spteToPfn(oldLo, oldHi)) {
+        this.dropSpte(sp, idx)
+        flush = true
+      } else wasRmapped = true
+      if (!wasRmapped) {
+        oldLo = 0
+        oldHi = 0
+      }
+    }
+    const s = this.makeSpteFor(sp, slot, access, gfn, pfn, oldLo, fault.prefetch, false, fault.hostWritable)
+    let ret: RetPf = RET_PF_FIXED
+    if (s.lo === oldLo && s.hi === oldHi) ret = RET_PF_SPURIOUS
+    else {
+      // mmu_spte_update()
+      if (isShadowPresentPte(oldLo) && leafSpteChangeNeedsTlbFlush(this.fmt, oldLo, oldHi, s.lo, s.hi)) flush = true
+      this.writeSpte(sptep, s.lo, s.hi)
+      this.vm.sched.charge(this.costs.memoryRef)
+    }
+    if (this.wrprot && fault.write) ret = RET_PF_EMULATE
+    if (flush) this.vm.flushRemoteTlbs()
+    if (!wasRmapped) {
+      if (ret === RET_PF_SPURIOUS) this.warn('mmu_set_spte: spurious fault on an unmapped SPTE')
+      this.rmapAdd(slot, sp, idx, gfn, access)
+    } else if (sp.shadowedAccess !== null) sp.shadowedAccess[idx] = access
+    return ret
+  }
+
+  // ================================================================== unsync walk and sync
+
+  /** clear_unsync_child_bit(). */
+  private clearUnsyncChildBit(sp: MmuPage, idx: number): void {
+    if (--sp.unsyncChildren < 0) this.warn(`unsync_children of ${sp.toString()} went negative`)
+    sp.clearUnsyncChildBitOnly(idx)
+  }
+
+  /** mmu_pages_add(): always adds (unsync leaves are deduplicated); returns "the vector is now full". */
+  private mmuPagesAdd(sp: MmuPage, idx: number): boolean {
+    if (sp.unsync) for (let i = 0; i < this.pvecNr; i++) if (this.pvecSp[i] === sp) return false
+    this.pvecSp[this.pvecNr] = sp
+    this.pvecIdx[this.pvecNr] = idx
+    this.pvecNr++
+    return this.pvecNr === KVM_PAGE_ARRAY_NR
+  }
+
+  /** __mmu_unsync_walk(): >0 unsync leaves found, 0 none, -ENOSPC when the vector filled. */
+  private mmuUnsyncWalkInner(sp: MmuPage): number {
+    let nrUnsyncLeaf = 0
+    const bm = sp.unsyncChildBitmap
+    for (let w = 0; w < 16; w++) {
+      // for_each_set_bit(): find_next_bit re-reads the bitmap, so bits cleared meanwhile are skipped.
+      let bits = bm[w]!
+      while (bits !== 0) {
+        const b = 31 - Math.clz32(bits & -bits)
+        const r = this.unsyncWalkChild(sp, w * 32 + b)
+        if (r < 0) return r
+        nrUnsyncLeaf += r
+        bits = bm[w]! & ~((2 << b) - 1)
+      }
+    }
+    return nrUnsyncLeaf
+  }
+
+  /** One iteration of __mmu_unsync_walk's loop body for bit `i` of `sp`. */
+  private unsyncWalkChild(sp: MmuPage, i: number): number {
+    const lo = this.readSpte(sp.hpa + i * 8)
+    const hi = this.mem.hi64
+    if (!isShadowPresentPte(lo) || isLargePte(lo) || sp.level === 1) {
+      this.clearUnsyncChildBit(sp, i)
+      return 0
+    }
+    const child = this.childOf(lo, hi)
+    if (child.unsyncChildren !== 0) {
+      if (this.mmuPagesAdd(child, i)) return ENOSPC
+      const ret = this.mmuUnsyncWalkInner(child)
+      if (ret === 0) {
+        this.clearUnsyncChildBit(sp, i)
+        return 0
+      }
+      return ret
+    }
+    if (child.unsync || this.hazards.seed003TrustStaleBits) {
+      if (this.hazards.seed001DropFullEntry) {
+        // Lai's ordering with the misread API: clear first, then treat "full" as "not added".
+        this.clearUnsyncChildBit(sp, i)
+        if (this.mmuPagesAdd(child, i)) {
+          this.pvecNr--
+          return ENOSPC
+        }
+        return 1
+      }
+      if (this.mmuPagesAdd(child, i)) return ENOSPC
+      return 1
+    }
+    this.clearUnsyncChildBit(sp, i)
+    return 0
+  }
+
+  /** mmu_unsync_walk(). */
+  mmuUnsyncWalk(sp: MmuPage): number {
+    this.counters.unsyncWalks++
+    this.pvecNr = 0
+    if (sp.unsyncChildren === 0) return 0
+    this.mmuPagesAdd(sp, INVALID_INDEX)
+    return this.mmuUnsyncWalkInner(sp)
+  }
+
+  /** mmu_pages_first(): the first level-1 entry of the vector (index), setting up the path. */
+  private mmuPagesFirst(): number {
+    if (this.pvecNr === 0) return 0
+    const sp = this.pvecSp[0]!
+    const level = sp.level
+    if (level === 1) this.warn('mmu_pages_first: the walk root is level 1')
+    this.pathParent[level - 2] = sp
+    // The sentinel above the walk root: clear_parents never goes past it.
+    this.pathParent[level - 1] = null
+    return this.mmuPagesNext(0)
+  }
+
+  /** mmu_pages_next(). */
+  private mmuPagesNext(i: number): number {
+    let n = i + 1
+    for (; n < this.pvecNr; n++) {
+      const sp = this.pvecSp[n]!
+      const level = sp.level
+      this.pathIdx[level - 1] = this.pvecIdx[n]!
+      if (level === 1) break
+      this.pathParent[level - 2] = sp
+    }
+    return n
+  }
+
+  /** mmu_pages_clear_parents() (mainline only; the seed-003 variant leaves the bits to the next walk). */
+  private mmuPagesClearParents(): void {
+    if (this.config.unsyncWalk === 'seed-003' || this.hazards.seed001DropFullEntry) return
+    let level = 0
+    let sp: MmuPage | null
+    do {
+      sp = this.pathParent[level] ?? null
+      if (sp === null) return
+      this.clearUnsyncChildBit(sp, this.pathIdx[level]!)
+      level++
+    } while (sp.unsyncChildren === 0)
+  }
+
+  /** kvm_unlink_unsync_page(). */
+  private kvmUnlinkUnsyncPage(sp: MmuPage): void {
+    if (!sp.unsync) this.warn(`kvm_unlink_unsync_page: ${sp.toString()} is not unsync`)
+    sp.unsync = false
+    this.vm.stats.mmu_unsync--
+  }
+
+  /**
+   * mmu_sync_children(): write-protect, then re-read every unsync descendant, batch by batch,
+   * until the walk finds nothing. With `canYield` false a due reschedule returns -EINTR after
+   * requesting KVM_REQ_MMU_SYNC.
+   */
+  *mmuSyncChildren(v: VcpuMmu, parent: MmuPage, canYield: boolean): KernelOp<number> {
+    const invalid = new PageList('invalid_list')
+    let flush = false
+    const vm = this.vm
+    let rounds = 0
+    while (this.mmuUnsyncWalk(parent) !== 0) {
+      // Every batch makes progress in KVM; a walk that keeps finding work is a livelock (a bug).
+      if (++rounds > 10_000) {
+        this.warn(`mmu_sync_children(${parent.toString()}) does not converge`)
+        break
+      }
+      let prot = false
+      for (let i = this.mmuPagesFirst(); i < this.pvecNr; i = this.mmuPagesNext(i)) {
+        const sp = this.pvecSp[i]!
+        const slot = this.slotForGfn(this.asIdOf(sp), sp.gfn)
+        if (slot !== null && this.slotGfnWriteProtect(slot, sp.gfn, 1, true)) prot = true
+      }
+      if (prot) {
+        this.kvmMmuRemoteFlushOrZap(invalid, true)
+        flush = false
+      }
+      for (let i = this.mmuPagesFirst(); i < this.pvecNr; i = this.mmuPagesNext(i)) {
+        const sp = this.pvecSp[i]!
+        this.kvmUnlinkUnsyncPage(sp)
+        if (this.kvmSyncPage(v, sp, invalid) > 0) flush = true
+        this.mmuPagesClearParents()
+      }
+      if (vm.sched.needResched() || vm.mmuLock.needBreak()) {
+        this.kvmMmuRemoteFlushOrZap(invalid, flush)
+        if (!canYield) {
+          v.vcpu.makeRequest(KVM_REQ_MMU_SYNC)
+          return EINTR
+        }
+        yield* vm.mmuLock.condResched('write')
+        flush = false
+      }
+    }
+    this.kvmMmuRemoteFlushOrZap(invalid, flush)
+    return 0
+  }
+
+  /** kvm_sync_page(): re-read all gPTEs of `sp`; a failure zaps it. Returns <0, 0, or >0 (flush). */
+  private kvmSyncPage(v: VcpuMmu, sp: MmuPage, invalid: PageList): number {
+    this.counters.syncPages++
+    let ret: number
+    // kvm_sync_page_check()
+    if (sp.direct || v.direct || ((sp.role ^ v.rootRole) & ~SYNC_ROLE_IGN) !== 0) {
+      this.warn(`kvm_sync_page_check failed for ${sp.toString()}`)
+      ret = -1
+    } else {
+      ret = 0
+      for (let i = 0; i < 512; i++) {
+        const lo = this.readSpte(sp.hpa + i * 8)
+        if ((lo | this.mem.hi64) === 0) continue
+        const r = this.syncSpte(v, sp, i)
+        if (r < -1) {
+          ret = -1
+          break
+        }
+        ret |= r
+      }
+    }
+    if (ret < 0) this.kvmMmuPrepareZapPage(sp, invalid)
+    return ret
+  }
+
+  /** Read the 8-byte gPTE at `gpa` without faulting host memory in (kvm_vcpu_read_guest_atomic) into gLo/gHi. */
+  private readGpteAtomic(gm: GuestMemory, gpa: number): boolean {
+    const gfn = Math.floor(gpa / 4096)
+    const slot = this.vm.memslots.gfnToMemslot(gm.asId, gfn, gm.cache)
+    if (slot === null) return false
+    const hit = this.vm.host.lookup(gfnToHvaMemslot(slot, gfn))
+    if (hit === null) return false
+    const hpa = hit.pfn * 4096 + (gpa % 4096)
+    this.gLo = this.mem.read64(hpa)
+    this.gHi = this.mem.hi64
+    this.vm.sched.charge(this.costs.memoryRef)
+    return true
+  }
+
+  /** FNAME(prefetch_invalid_gpte): not present, reserved bits, or not accessed → drop the SPTE. */
+  private prefetchInvalidGpte(v: VcpuMmu, sp: MmuPage, idx: number, lo: number, hi: number): boolean {
+    const ctx = v.walker.ctx
+    if ((lo & 1) === 0 || (lo & ctx.rsvdLo[1]!) !== 0 || (hi & ctx.rsvdHi[1]!) !== 0 || (lo & 0x20) === 0) {
+      this.dropSpte(sp, idx)
+      return true
+    }
+    return false
+  }
+
+  /** FNAME(sync_spte)(). Returns 0, 1 (flush), or -1 (unreadable gPTE). */
+  private syncSpte(v: VcpuMmu, sp: MmuPage, i: number): number {
+    if (sp.direct || sp.shadowedGfn === null) return 0
+    this.counters.syncSptes++
+    v.walker.refresh(v.vcpu)
+    if (!this.readGpteAtomic(v.vcpu.guestMem, sp.gfn * 4096 + i * 8)) return -1
+    const gLo = this.gLo
+    const gHi = this.gHi
+    if (this.prefetchInvalidGpte(v, sp, i, gLo, gHi)) return 1
+    const gfn = Math.floor(((gLo & 0xfffff000) >>> 0) / 4096) + (gHi & v.walker.ctx.hiAddrMask) * 0x100000
+    let access = roleAccess(sp.role) & gpteAccessOf(gLo, gHi, v.walker.ctx.nxe)
+    if ((gLo & 0x40) === 0) access &= ~ACC_WRITE_MASK // protect_clean_gpte
+    const sptep = sp.hpa + i * 8
+    const lo = this.readSpte(sptep)
+    const hi = this.mem.hi64
+    if (!isShadowPresentPte(lo)) {
+      // sync_mmio_spte()
+      if (isMmioSpte(this.fmt, lo, hi)) this.writeSpte(sptep, 0, 0)
+      return 0
+    }
+    if (gfn !== this.spGetGfn(sp, i)) {
+      this.dropSpte(sp, i)
+      return 1
+    }
+    if (this.spGetAccess(sp, i) === access) return 0
+    sp.shadowedAccess![i] = access
+    const hostWritable = (lo & this.fmt.hostWritableLo) !== 0 || (hi & this.fmt.hostWritableHi) !== 0
+    const slot = this.slotForGfn(this.asIdOf(sp), gfn)
+    const s = this.makeSpteFor(sp, slot, access, gfn, spteToPfn(lo, hi), lo, true, true, hostWritable)
+    const flush = leafSpteChangeNeedsTlbFlush(this.fmt, lo, hi, s.lo, s.hi)
+    this.writeSpte(sptep, s.lo, s.hi)
+    return flush ? 1 : 0
+  }
+
+  // ================================================================== zapping
+
+  /** kvm_mmu_prepare_zap_page() wrapper: the number of pages zapped (self included). */
+  kvmMmuPrepareZapPage(sp: MmuPage, invalid: PageList): number {
+    this.prepareZapPage(sp, invalid)
+    return this.nrZapped
+  }
+
+  /**
+   * __kvm_mmu_prepare_zap_page(): returns whether `active_mmu_pages` may have become unstable
+   * (children were zapped); the number of pages moved to `invalid` (self included when not a
+   * referenced root) is left in {@link lastNrZapped}.
+   */
+  prepareZapPage(sp: MmuPage, invalid: PageList): boolean {
+    this.vm.stats.mmu_shadow_zapped++
+    if (this.zapVisitLog !== null) this.zapVisitLog.push(sp)
+    if (sp.freed) this.warn(`prepare_zap of freed ${sp.toString()}`)
+    if (sp.list !== null && sp.list !== this.activeMmuPages && !sp.invalid) this.warn(`prepare_zap: ${sp.toString()} on ${sp.list.name}`)
+    if (sp.invalid && sp.list !== null) this.warn(`prepare_zap of already-zapped ${sp.toString()} on ${sp.list.name}`)
+    let nr = this.mmuZapUnsyncChildren(sp, invalid)
+    nr += this.unlinkChildren(sp)
+    this.unlinkParents(sp)
+    const listUnstable = nr !== 0
+    if (!sp.invalid && sp.hasGptes) this.unaccountShadowed(sp)
+    if (sp.unsync) this.kvmUnlinkUnsyncPage(sp)
+    let zappedRoot = false
+    if (sp.rootCount === 0) {
+      nr++
+      listMove(sp, invalid)
+      this.nUsedMmuPages--
+    } else {
+      if (sp.list !== null) sp.list.remove(sp)
+      zappedRoot = !this.isObsoleteSp(sp)
+    }
+    sp.role = (sp.role | ROLE_INVALID) >>> 0
+    if (zappedRoot) this.vm.makeAllCpusRequest(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+    this.nrZapped = nr
+    return listUnstable
+  }
+
+  /** The `nr_zapped` out-parameter of the last {@link prepareZapPage}. */
+  get lastNrZapped(): number {
+    return this.nrZapped
+  }
+
+  /** mmu_zap_unsync_children(). Zapping a level-1 page never walks, so the vector stays intact. */
+  private mmuZapUnsyncChildren(parent: MmuPage, invalid: PageList): number {
+    if (parent.level === 1) return 0
+    let zapped = 0
+    while (this.mmuUnsyncWalk(parent) !== 0) {
+      for (let i = this.mmuPagesFirst(); i < this.pvecNr; i = this.mmuPagesNext(i)) {
+        this.kvmMmuPrepareZapPage(this.pvecSp[i]!, invalid)
+        this.mmuPagesClearParents()
+        zapped++
+      }
+    }
+    return zapped
+  }
+
+  /** kvm_mmu_unlink_children(): drop every entry (leaves zapped, children orphaned). */
+  private unlinkChildren(sp: MmuPage): number {
+    for (let i = 0; i < 512; i++) {
+      const lo = this.readSpte(sp.hpa + i * 8)
+      if ((lo | this.mem.hi64) !== 0) this.mmuPageZapPte(sp, i, null)
+    }
+    return 0
+  }
+
+  /** kvm_mmu_unlink_parents(). */
+  private unlinkParents(sp: MmuPage): void {
+    while (sp.parentSps.length > 0) this.dropParentPte(sp, sp.parentSps[0]!, sp.parentIdx[0]!)
+  }
+
+  /** kvm_mmu_commit_zap_page(): one remote flush, then free every page on `invalid`. */
+  kvmMmuCommitZapPage(invalid: PageList): void {
+    if (invalid.isEmpty()) return
+    this.vm.flushRemoteTlbs()
+    while (invalid.head !== null) {
+      const sp = invalid.head
+      if (!sp.invalid || sp.rootCount !== 0) this.warn(`commit_zap: ${sp.toString()} is not an unreferenced invalid page`)
+      invalid.remove(sp)
+      this.kvmMmuFreeShadowPage(sp)
+    }
+  }
+
+  /** kvm_mmu_free_shadow_page(): leave the hash, free the table. */
+  private kvmMmuFreeShadowPage(sp: MmuPage): void {
+    const b = this.hashBucket(sp.gfn)
+    const i = b.indexOf(sp)
+    if (i >= 0) b.splice(i, 1)
+    this.pageByPfn.delete(sp.hpa / 4096)
+    sp.freed = true
+    this.vm.stats.mmu_shadow_pages--
+    this.vm.freeMmuPage(sp.hpa)
+  }
+
+  /** kvm_mmu_remote_flush_or_zap(). */
+  private kvmMmuRemoteFlushOrZap(invalid: PageList, flush: boolean): void {
+    if (!invalid.isEmpty()) this.kvmMmuCommitZapPage(invalid)
+    else if (flush) this.vm.flushRemoteTlbs()
+  }
+
+  /** kvm_mmu_zap_oldest_mmu_pages(): zap from the tail, skipping roots, until `n` pages are gone. */
+  kvmMmuZapOldestMmuPages(n: number): number {
+    if (this.activeMmuPages.isEmpty()) return 0
+    const invalid = new PageList('invalid_list')
+    let total = 0
+    let steps = 0
+    restart: for (;;) {
+      let next: MmuPage | null
+      for (let sp = this.activeMmuPages.tail; sp !== null; sp = next) {
+        // list_for_each_entry_safe_reverse: only the next element is cached.
+        next = sp.prev
+        if (++steps > 100 * (this.pageByPfn.size + 10)) {
+          this.warn('zap_oldest does not terminate')
+          break restart
+        }
+        if (sp.rootCount !== 0) continue
+        const unstable = this.prepareZapPage(sp, invalid)
+        total += this.nrZapped
+        if (total >= n) break restart
+        if (unstable && !this.hazards.seed000IgnoreUnstable) {
+          this.counters.zapRestarts++
+          continue restart
+        }
+      }
+      break
+    }
+    this.kvmMmuCommitZapPage(invalid)
+    this.vm.stats.mmu_recycled += total
+    return total
+  }
+
+  /** kvm_mmu_available_pages(). */
+  private availablePages(): number {
+    return this.nMaxMmuPages > this.nUsedMmuPages ? this.nMaxMmuPages - this.nUsedMmuPages : 0
+  }
+
+  /** make_mmu_pages_available(): 0 or -ENOSPC. */
+  makeMmuPagesAvailable(): number {
+    const avail = this.availablePages()
+    if (avail >= KVM_MIN_FREE_MMU_PAGES) return 0
+    this.kvmMmuZapOldestMmuPages(KVM_REFILL_PAGES - avail)
+    if (this.availablePages() === 0) return ENOSPC
+    return 0
+  }
+
+  /** kvm_mmu_change_mmu_pages() (KVM_SET_NR_MMU_PAGES; 0 = back to the automatic quota). */
+  *changeMmuPages(nrPages: number): KernelOp {
+    this.nRequestedMmuPages = nrPages
+    const goal0 = nrPages === 0 ? this.defaultMmuPages() : nrPages
+    yield* this.vm.mmuLock.writeLock()
+    this.kvmMmuChangeMmuPages(goal0)
+    this.vm.mmuLock.writeUnlock()
+    this.check()
+  }
+
+  private kvmMmuChangeMmuPages(goal0: number): void {
+    let goal = goal0
+    if (this.nUsedMmuPages > goal) {
+      this.kvmMmuZapOldestMmuPages(this.nUsedMmuPages - goal)
+      goal = this.nUsedMmuPages
+    }
+    this.nMaxMmuPages = goal
+  }
+
+  /** kvm_mmu_calculate_default_mmu_pages(). */
+  private defaultMmuPages(): number {
+    return Math.max(KVM_MIN_ALLOC_MMU_PAGES, Math.floor((this.vm.memslots.nrMemslotPages * KVM_PERMILLE_MMU_PAGES) / 1000))
+  }
+
+  /** kvm_mmu_zap_all(): zap every page, restarting after unstable zaps and yields. */
+  *zapAll(): KernelOp {
+    const vm = this.vm
+    yield* vm.mmuLock.writeLock()
+    const invalid = new PageList('invalid_list')
+    restart: for (;;) {
+      let next: MmuPage | null
+      for (let sp = this.activeMmuPages.head; sp !== null; sp = next) {
+        next = sp.next
+        if (sp.invalid) {
+          this.warn(`zap_all: invalid ${sp.toString()} on the active list`)
+          continue
+        }
+        if (this.prepareZapPage(sp, invalid) && !this.hazards.seed000IgnoreUnstable) {
+          this.counters.zapRestarts++
+          continue restart
+        }
+        if (yield* vm.mmuLock.condResched('write')) continue restart
+      }
+      break
+    }
+    this.kvmMmuCommitZapPage(invalid)
+    vm.mmuLock.writeUnlock()
+    this.check()
+  }
+
+  /** kvm_mmu_zap_all_fast(): obsolete every page by flipping the generation, then zap from the tail. */
+  *kvmMmuZapAllFast(): KernelOp {
+    const vm = this.vm
+    yield* vm.mmuLock.writeLock()
+    this.mmuValidGen = this.mmuValidGen ^ 1
+    vm.makeAllCpusRequest(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+    yield* this.kvmZapObsoletePages()
+    vm.mmuLock.writeUnlock()
+  }
+
+  /** kvm_zap_obsolete_pages(). */
+  private *kvmZapObsoletePages(): KernelOp {
+    let batch = 0
+    restart: for (;;) {
+      let next: MmuPage | null
+      for (let sp = this.activeMmuPages.tail; sp !== null; sp = next) {
+        next = sp.prev
+        if (!this.isObsoleteSp(sp)) break
+        if (sp.invalid) {
+          this.warn(`zap_obsolete: invalid ${sp.toString()} on the active list`)
+          continue
+        }
+        if (batch >= BATCH_ZAP_PAGES && (yield* this.vm.mmuLock.condResched('write'))) {
+          batch = 0
+          continue restart
+        }
+        const unstable = this.prepareZapPage(sp, this.zappedObsoletePages)
+        batch += this.nrZapped
+        if (unstable && !this.hazards.seed000IgnoreUnstable) {
+          this.counters.zapRestarts++
+          continue restart
+        }
+      }
+      break
+    }
+    this.kvmMmuCommitZapPage(this.zappedObsoletePages)
+  }
+
+  /** kvm_mmu_unprotect_page(): zap every shadow page of `gfn`. */
+  kvmMmuUnprotectPage(asId: number, gfn: number): boolean {
+    const invalid = new PageList('invalid_list')
+    let r = false
+    for (const sp of this.hashBucket(gfn).slice()) {
+      if (sp.gfn !== gfn || !sp.hasGptes || this.isObsoleteSp(sp) || this.asIdOf(sp) !== asId) continue
+      r = true
+      this.kvmMmuPrepareZapPage(sp, invalid)
+    }
+    this.kvmMmuCommitZapPage(invalid)
+    return r
+  }
+
+  // ================================================================== page faults
+
+  /** kvm_mmu_page_fault() → the MMU's page_fault hook. */
+  *pageFault(vcpu: KvmVcpu, fault: PageFault): KernelOp<RetPf> {
+    const v = this.vmmu(vcpu)
+    let r: RetPf
+    if (v.root.hpa === INVALID_PAGE) r = RET_PF_RETRY
+    else if ((fault.errorCode & PFERR_RSVD) !== 0 || (this.config.tdp && fault.exitReason === 49)) {
+      // handle_mmio_page_fault(): only MMIO SPTEs have reserved bits set.
+      r = RET_PF_EMULATE
+    } else if (v.direct) r = yield* this.directPageFault(v, fault)
+    else r = yield* this.shadowPageFault(v, fault)
+    this.check()
+    return r
+  }
+
+  /** is_page_fault_stale(). */
+  private isPageFaultStale(v: VcpuMmu, mmuSeq: number, gfn: number, slot: Memslot | null): boolean {
+    if (v.root.hpa === INVALID_PAGE) return true
+    const sp = this.pageByPfn.get(v.root.hpa / 4096)
+    if (sp === undefined || this.isObsoleteSp(sp)) return true
+    return slot !== null && this.vm.notifierState.retryGfn(mmuSeq, gfn)
+  }
+
+  /** kvm_mmu_hugepage_adjust(): the goal level of the leaf. */
+  private hugepageAdjust(slot: Memslot | null, gfn: number, maxLevel0: number, hva: number): number {
+    if (maxLevel0 <= 1 || slot === null || kvmSlotDirtyTrackEnabled(slot)) return 1
+    let maxLevel = Math.min(maxLevel0, 3)
+    if (this.config.tdp) {
+      if (!this.vm.features.ept1G) maxLevel = Math.min(maxLevel, 2)
+      if (!this.vm.features.ept2M) maxLevel = 1
+    } else if (!this.vm.features.gbPages) maxLevel = Math.min(maxLevel, 2)
+    for (; maxLevel > 1; maxLevel--) if (!isLpageDisallowed(slot, gfn, maxLevel)) break
+    if (maxLevel === 1) return 1
+    return Math.min(this.vm.host.hostMappingLevel(hva), maxLevel)
+  }
+
+  /**
+   * kvm_mmu_faultin_pfn(): the memslot and host page of `gfn`. Returns the slot (null = no slot:
+   * MMIO) and writes pfn/hostWritable/hva into `out`; throws EFAULT when the host refuses.
+   */
+  private faultinPfn(vcpu: KvmVcpu, gfn: number, write: boolean, out: { pfn: number; hostWritable: boolean; hva: number }): Memslot | null {
+    const slot = this.vm.memslots.gfnToMemslot(vcpu.asId, gfn, vcpu.memslotCache)
+    if (slot === null || !kvmIsVisibleMemslot(slot)) return null
+    const hva = gfnToHvaMemslot(slot, gfn)
+    const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0
+    if (write && readonlySlot) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: write fault on read-only memslot ${slot.id} (gfn 0x${gfn.toString(16)})`)
+    const r = this.vm.host.resolve(hva, write)
+    if (!r.ok) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: the host refused gfn 0x${gfn.toString(16)} (hva 0x${hva.toString(16)}): ${r.reason}`)
+    out.pfn = r.pfn
+    out.hostWritable = r.writable && !readonlySlot
+    out.hva = hva
+    return slot
+  }
+
+  private readonly pfnOut = { pfn: 0, hostWritable: true, hva: 0 }
+
+  /** FNAME(page_fault)(): the shadow-paging fault. */
+  private *shadowPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
+    const vcpu = v.vcpu
+    const vm = this.vm
+    const ec = f.errorCode
+    const write = (ec & PFERR_W) !== 0
+    const user = (ec & PFERR_U) !== 0
+    const w = v.walker
+    vm.sched.charge(this.costs.memoryRef * (v.guestLevels + 1))
+    if (!w.walkAddr(vcpu, f.addr, f.kind, ec)) {
+      vcpu.injectPageFault(f.addr, w.errorCode)
+      return RET_PF_RETRY
+    }
+    const gfn = w.gfn
+    // page_fault_handle_page_track(): a present write to a write-tracked gfn is emulated.
+    if (write && (ec & PFERR_P) !== 0 && this.gfnIsWriteTracked(vcpu.asId, gfn)) {
+      this.shadowPageTableClearFloodingCount(v, f.addr)
+      return RET_PF_EMULATE
+    }
+    const mmuSeq = vm.notifierState.seq
+    const out = this.pfnOut
+    const slot = this.faultinPfn(vcpu, gfn, write, out)
+    const pfn = out.pfn
+    const hostWritable = out.hostWritable
+    const hva = out.hva
+    yield cost(this.costs.gup)
+    let pteAccess = w.pteAccess
+    if (write && (pteAccess & ACC_WRITE_MASK) === 0 && (vcpu.hw.state.cr0 & CR0_WP) === 0 && !user && slot !== null) {
+      // CR0.WP=0: a supervisor write to a read-only page maps it writable, supervisor-only.
+      pteAccess |= ACC_WRITE_MASK
+      pteAccess &= ~ACC_USER_MASK
+      if ((vcpu.hw.state.cr4 & CR4_SMEP) !== 0) pteAccess &= ~ACC_EXEC_MASK
+    }
+    yield* vm.mmuLock.writeLock()
+    try {
+      if (this.isPageFaultStale(v, mmuSeq, gfn, slot)) return RET_PF_RETRY
+      if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
+      return yield* this.fetch(v, f.addr, gfn, slot, pfn, hostWritable, hva, pteAccess, write)
+    } finally {
+      vm.mmuLock.writeUnlock()
+    }
+  }
+
+  /** clear_sp_write_flooding_count() on the shadow walk of `addr` (kvm_mmu_pte_write's reset on a tracked fault). */
+  private shadowPageTableClearFloodingCount(v: VcpuMmu, addr: number): void {
+    if (v.root.hpa === INVALID_PAGE) return
+    let sp = this.spOfHpa(v.root.hpa)
+    for (;;) {
+      sp.writeFloodingCount = 0
+      const lo = this.readSpte(sp.hpa + spteIndex(addr, sp.level) * 8)
+      const hi = this.mem.hi64
+      if (!isShadowPresentPte(lo) || sp.level === 1 || isLargePte(lo)) return
+      sp = this.childOf(lo, hi)
+    }
+  }
+
+  /** FNAME(gpte_changed)(): re-read the gPTE of `level` (and the 8 prefetch gPTEs at level 1). */
+  private gpteChanged(v: VcpuMmu, level: number): boolean {
+    const w = v.walker
+    const gm = v.vcpu.guestMem
+    const gpa = w.pteGpa[level]!
+    if (level === 1) {
+      const base = gpa - (gpa % (PTE_PREFETCH_NUM * 8))
+      const index = (gpa - base) / 8
+      for (let i = 0; i < PTE_PREFETCH_NUM; i++) {
+        if (!this.readGpteAtomic(gm, base + i * 8)) {
+          w.prefetchLo[i] = 0
+          w.prefetchHi[i] = 0
+          if (i === index) return true
+          continue
+        }
+        w.prefetchLo[i] = this.gLo
+        w.prefetchHi[i] = this.gHi
+      }
+      return w.prefetchLo[index] !== w.ptesLo[level] || w.prefetchHi[index] !== w.ptesHi[level]
+    }
+    if (!this.readGpteAtomic(gm, gpa)) return true
+    return this.gLo !== w.ptesLo[level] || this.gHi !== w.ptesHi[level]
+  }
+
+  /** FNAME(fetch)(): build the shadow hierarchy for the walked translation and set the leaf. */
+  private *fetch(v: VcpuMmu, addr: number, gfn: number, slot: Memslot | null, pfn: number, hostWritable: boolean, hva: number, pteAccess: number, write: boolean): KernelOp<RetPf> {
+    const w = v.walker
+    if (this.gpteChanged(v, w.maxLevel)) return RET_PF_RETRY
+    let sp = this.spOfHpa(v.root.hpa)
+    let level = sp.level
+    let idx = spteIndex(addr, level)
+    // The indirect part: one shadow page per guest table.
+    for (;;) {
+      sp.writeFloodingCount = 0
+      if (level === w.level) break
+      const tableGfn = w.tableGfn[level - 1]!
+      const access = w.ptAccess[level - 1]!
+      const lo = this.readSpte(sp.hpa + idx * 8)
+      const hi = this.mem.hi64
+      let child: MmuPage
+      let created: boolean
+      if (isShadowPresentPte(lo) && !isLargePte(lo)) {
+        child = this.childOf(lo, hi)
+        created = false
+      } else {
+        child = this.kvmMmuGetShadowPage(v, tableGfn, this.childRole(sp.role, false, access))
+        created = true
+        // Sync before link: the guest may use a just-made-present gPTE without flushing.
+        if (child.unsyncChildren !== 0 && (yield* this.mmuSyncChildren(v, child, false)) !== 0) return RET_PF_RETRY
+      }
+      if (this.gpteChanged(v, level - 1)) return RET_PF_RETRY
+      if (created) this.linkShadowPage(sp, idx, child)
+      sp = child
+      level--
+      idx = spteIndex(addr, level)
+    }
+    // The direct part: a guest huge page backed by smaller host mappings.
+    const goal = this.hugepageAdjust(slot, gfn, w.level, hva)
+    const direct = w.pteAccess
+    for (; level > goal; level--) {
+      this.validateDirectSpte(sp, idx, direct)
+      const lo = this.readSpte(sp.hpa + idx * 8)
+      const hi = this.mem.hi64
+      let child: MmuPage
+      if (isShadowPresentPte(lo) && !isLargePte(lo)) child = this.childOf(lo, hi)
+      else {
+        const baseGfn = gfn - (gfn % kvmPagesPerHpage(level))
+        child = this.kvmMmuGetShadowPage(v, baseGfn, this.childRole(sp.role, true, direct))
+        this.linkShadowPage(sp, idx, child)
+      }
+      sp = child
+      idx = spteIndex(addr, level - 1)
+    }
+    const pages = kvmPagesPerHpage(goal)
+    const baseGfn = gfn - (gfn % pages)
+    const ret = this.mmuSetSpte(slot, sp, idx, pteAccess, baseGfn, pfn - (pfn % pages), { write, prefetch: false, hostWritable })
+    if (ret !== RET_PF_SPURIOUS && this.config.prefetch) this.ptePrefetch(v, sp, idx)
+    return ret
+  }
+
+  /** FNAME(pte_prefetch)(): map the present, accessed neighbours of the faulting gPTE. */
+  private ptePrefetch(v: VcpuMmu, sp: MmuPage, idx: number): void {
+    if (sp.level > 1) return
+    if (this.vm.notifierState.inProgress !== 0) return
+    if (sp.direct) {
+      this.directPtePrefetch(v, sp, idx)
+      return
+    }
+    const w = v.walker
+    const base = idx - (idx % PTE_PREFETCH_NUM)
+    for (let i = 0; i < PTE_PREFETCH_NUM; i++) {
+      const j = base + i
+      if (j === idx) continue
+      if (isShadowPresentPte(this.readSpte(sp.hpa + j * 8))) continue
+      if (!this.prefetchGpte(v, sp, j, w.prefetchLo[i]!, w.prefetchHi[i]!)) break
+    }
+  }
+
+  /** Whether the host page of `gfn` is present and writable (gfn_to_pfn_memslot_atomic, write); its pfn or -1. */
+  private atomicPfn(slot: Memslot, gfn: number): number {
+    if ((slot.flags & KVM_MEM_READONLY) !== 0) return -1
+    const hva = gfnToHvaMemslot(slot, gfn)
+    const hit = this.vm.host.lookup(hva)
+    if (hit === null) return -1
+    const vma = this.vm.host.findVma(hva)
+    if (vma === undefined || vma.readonly) return -1
+    return hit.pfn
+  }
+
+  /** FNAME(prefetch_gpte)(). */
+  private prefetchGpte(v: VcpuMmu, sp: MmuPage, idx: number, gLo: number, gHi: number): boolean {
+    if (this.prefetchInvalidGpte(v, sp, idx, gLo, gHi)) return false
+    const ctx = v.walker.ctx
+    const gfn = Math.floor(((gLo & 0xfffff000) >>> 0) / 4096) + (gHi & ctx.hiAddrMask) * 0x100000
+    let access = roleAccess(sp.role) & gpteAccessOf(gLo, gHi, ctx.nxe)
+    if ((gLo & 0x40) === 0) access &= ~ACC_WRITE_MASK
+    const slot = this.vm.memslots.gfnToMemslot(this.asIdOf(sp), gfn)
+    if (slot === null || !kvmIsVisibleMemslot(slot)) return false
+    if ((access & ACC_WRITE_MASK) !== 0 && kvmSlotDirtyTrackEnabled(slot)) return false
+    const pfn = this.atomicPfn(slot, gfn)
+    if (pfn < 0) return false
+    this.mmuSetSpte(slot, sp, idx, access, gfn, pfn, PREFETCH_FAULT)
+    this.counters.prefetched++
+    return true
+  }
+
+  /** __direct_pte_prefetch(): runs of non-present entries around `idx` in a direct page. */
+  private directPtePrefetch(_v: VcpuMmu, sp: MmuPage, idx: number): void {
+    if ((sp.role & ROLE_AD_DISABLED) !== 0) return
+    const base = idx - (idx % PTE_PREFETCH_NUM)
+    let start = -1
+    for (let i = base; i < base + PTE_PREFETCH_NUM; i++) {
+      const present = isShadowPresentPte(this.readSpte(sp.hpa + i * 8))
+      if (present || i === idx) {
+        if (start < 0) continue
+        if (!this.directPtePrefetchMany(sp, start, i)) return
+        start = -1
+      } else if (start < 0) start = i
+    }
+    if (start >= 0) this.directPtePrefetchMany(sp, start, base + PTE_PREFETCH_NUM)
+  }
+
+  /** direct_pte_prefetch_many(): map [start, end) while the host pages are there. */
+  private directPtePrefetchMany(sp: MmuPage, start: number, end: number): boolean {
+    const access = roleAccess(sp.role)
+    let gfn = this.spGetGfn(sp, start)
+    const slot = this.vm.memslots.gfnToMemslot(this.asIdOf(sp), gfn)
+    if (slot === null || !kvmIsVisibleMemslot(slot)) return false
+    if ((access & ACC_WRITE_MASK) !== 0 && kvmSlotDirtyTrackEnabled(slot)) return false
+    if (gfn + (end - start) > slot.baseGfn + slot.npages) return false
+    let n = 0
+    for (let i = start; i < end; i++, gfn++) {
+      const pfn = this.atomicPfn(slot, gfn)
+      if (pfn < 0) break
+      this.mmuSetSpte(slot, sp, i, access, gfn, pfn, PREFETCH_FAULT)
+      this.counters.prefetched++
+      n++
+    }
+    return n > 0
+  }
+
+  /** direct_page_fault(): TDP (legacy, under the write lock) and non-paging guests under shadow paging. */
+  private *directPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
+    const vcpu = v.vcpu
+    const vm = this.vm
+    const ec = f.errorCode
+    const write = (ec & PFERR_W) !== 0
+    const gpa = f.addr
+    const gfn = Math.floor(gpa / 4096)
+    if (write && (ec & PFERR_P) !== 0 && this.gfnIsWriteTracked(vcpu.asId, gfn)) return RET_PF_EMULATE
+    if (this.config.tdp && this.config.fastPageFault) {
+      const r = this.fastPageFault(v, gpa, ec)
+      if (r !== 0) return r
+    }
+    const mmuSeq = vm.notifierState.seq
+    const out = this.pfnOut
+    const slot = this.faultinPfn(vcpu, gfn, write, out)
+    const pfn = out.pfn
+    const hostWritable = out.hostWritable
+    const hva = out.hva
+    yield cost(this.costs.gup)
+    yield* vm.mmuLock.writeLock()
+    try {
+      if (this.isPageFaultStale(v, mmuSeq, gfn, slot)) return RET_PF_RETRY
+      if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
+      // direct_map()
+      const maxLevel = this.config.tdp ? 3 : 2
+      const goal = this.hugepageAdjust(slot, gfn, maxLevel, hva)
+      let sp = this.spOfHpa(v.root.hpa)
+      let level = sp.level
+      let idx = spteIndex(gpa, level)
+      for (; level > goal; level--) {
+        const lo = this.readSpte(sp.hpa + idx * 8)
+        const hi = this.mem.hi64
+        let child: MmuPage
+        if (isShadowPresentPte(lo) && !isLargePte(lo)) child = this.childOf(lo, hi)
+        else {
+          const baseGfn = gfn - (gfn % kvmPagesPerHpage(level))
+          child = this.kvmMmuGetShadowPage(v, baseGfn, this.childRole(sp.role, true, ACC_ALL))
+          this.linkShadowPage(sp, idx, child)
+        }
+        sp = child
+        idx = spteIndex(gpa, level - 1)
+      }
+      const pages = kvmPagesPerHpage(goal)
+      const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, gfn - (gfn % pages), pfn - (pfn % pages), { write, prefetch: false, hostWritable })
+      if (ret !== RET_PF_SPURIOUS && this.config.prefetch && goal === 1 && vm.notifierState.inProgress === 0) this.directPtePrefetch(v, sp, idx)
+      return ret
+    } finally {
+      vm.mmuLock.writeUnlock()
+    }
+  }
+
+  /**
+   * fast_page_fault() (lockless, direct MMUs): a write to an SPTE that is MMU-writable but not
+   * writable (dirty logging, or access tracking) is fixed in place. 0 = RET_PF_INVALID.
+   */
+  private fastPageFault(v: VcpuMmu, gpa: number, ec: number): RetPf | 0 {
+    if ((ec & PFERR_RSVD) !== 0 || (ec & PFERR_P) === 0 || (ec & PFERR_W) === 0) return 0
+    let sp = this.spOfHpa(v.root.hpa)
+    for (;;) {
+      const sptep = sp.hpa + spteIndex(gpa, sp.level) * 8
+      const lo = this.readSpte(sptep)
+      const hi = this.mem.hi64
+      if (!isShadowPresentPte(lo)) return 0
+      if (sp.level === 1 || isLargePte(lo)) {
+        if (isWritablePte(lo)) return RET_PF_SPURIOUS
+        if (!isMmuWritableSpte(this.fmt, lo, hi)) return 0
+        const gfn = this.spGetGfn(sp, (sptep % 4096) / 8)
+        const slot = this.vm.memslots.gfnToMemslot(this.asIdOf(sp), gfn)
+        if (slot !== null && kvmSlotDirtyTrackEnabled(slot)) {
+          if (sp.level > 1) return 0
+          this.vm.memslots.markPageDirty(slot, gfn)
+        }
+        this.writeSpte(sptep, lo | 2 | this.fmt.dirtyLo, hi)
+        this.vm.sched.charge(this.costs.spteCmpxchg)
+        this.vcpuStatFast(v)
+        return RET_PF_FIXED
+      }
+      sp = this.childOf(lo, hi)
+    }
+  }
+
+  private vcpuStatFast(v: VcpuMmu): void {
+    v.vcpu.stats.pf_fast++
+    this.counters.fastFixed++
+  }
+
+  // ================================================================== emulated writes
+
+  /** kvm_gfn_is_write_tracked() as seen by the page-track notifier: the emulator then calls trackWrite. */
+  isWriteTracked(_asId: number, _gfn: number): boolean {
+    // kvm_page_track_write() reaches kvm_mmu_track_write() for every emulated write; its own
+    // "no indirect shadow pages" check is the only filter.
+    return this.indirectShadowPages !== 0
+  }
+
+  /** kvm_mmu_track_write(): zap the SPTEs shadowing the written gPTE; misaligned or flooded pages are zapped. */
+  *trackWrite(vcpu: KvmVcpu, gpa0: number, bytes0: number): KernelOp {
+    if (this.indirectShadowPages === 0) return
+    const vm = this.vm
+    yield* vm.mmuLock.writeLock()
+    try {
+      // mmu_pte_write_fetch_gpte(): PAE/64-bit guests: a 4-byte write re-reads the whole 8-byte gPTE.
+      let gpa = gpa0
+      let bytes = bytes0
+      if (bytes === 4) {
+        gpa -= gpa % 8
+        bytes = 8
+      }
+      let gentry = 0
+      if (bytes === 8 && this.readGpteAtomic(vcpu.guestMem, gpa)) gentry = (this.gLo | this.gHi) !== 0 ? 1 : 0
+      vm.stats.mmu_pte_write++
+      this.counters.trackWrites++
+      const gfn = Math.floor(gpa / 4096)
+      const invalid = new PageList('invalid_list')
+      let flush = false
+      const bucket = this.hashBucket(gfn)
+      for (let k = 0; k < bucket.length; k++) {
+        const sp = bucket[k]!
+        if (sp.gfn !== gfn || !sp.hasGptes || this.isObsoleteSp(sp) || this.asIdOf(sp) !== vcpu.asId) continue
+        if (detectWriteMisaligned(gpa, bytes) || this.detectWriteFlooding(sp)) {
+          this.kvmMmuPrepareZapPage(sp, invalid)
+          vm.stats.mmu_flooded++
+          continue
+        }
+        // get_written_sptes(): one SPTE for 8-byte gPTEs.
+        const idx = (gpa % 4096) >>> 3
+        const lo = this.readSpte(sp.hpa + idx * 8)
+        this.mmuPageZapPte(sp, idx, null)
+        if (gentry !== 0 && sp.level !== 1) vm.stats.mmu_pde_zapped++
+        if (isShadowPresentPte(lo)) flush = true
+      }
+      this.kvmMmuRemoteFlushOrZap(invalid, flush)
+    } finally {
+      vm.mmuLock.writeUnlock()
+    }
+    this.check()
+  }
+
+  /** detect_write_flooding(). */
+  private detectWriteFlooding(sp: MmuPage): boolean {
+    if (sp.level === 1) return false
+    return ++sp.writeFloodingCount >= 3
+  }
+
+  // ================================================================== memslots, notifiers, dirty logging
+
+  /** kvm_arch_flush_shadow_memslot() (delete/move) and kvm_arch_commit_memory_region(). */
+  *memslotChanged(change: MemslotChange): KernelOp {
+    const old = change.old
+    if ((change.kind === 'delete' || change.kind === 'move') && old !== null) {
+      this.retiredSlots.push(old)
+      try {
+        yield* this.kvmMmuZapAllFast()
+      } finally {
+        this.retiredSlots.splice(this.retiredSlots.indexOf(old), 1)
+      }
+    }
+    if (this.nRequestedMmuPages === 0 && (change.kind === 'create' || change.kind === 'delete')) {
+      yield* this.vm.mmuLock.writeLock()
+      this.kvmMmuChangeMmuPages(this.defaultMmuPages())
+      this.vm.mmuLock.writeUnlock()
+    }
+    const neu = change.new
+    if (change.kind === 'flags-only' && neu !== null && old !== null) {
+      const logOn = kvmSlotDirtyTrackEnabled(neu) && !kvmSlotDirtyTrackEnabled(old)
+      if (logOn && !this.vm.memslots.manualProtectAndInitSet) {
+        // kvm_mmu_slot_remove_write_access(): write-protect every leaf of the slot.
+        yield* this.vm.mmuLock.writeLock()
+        const d = this.slotMmu(neu)
+        let flush = false
+        for (let l = 0; l < 3; l++) for (const head of d.rmap[l]!) flush = this.rmapWriteProtect(head, false) || flush
+        this.vm.mmuLock.writeUnlock()
+        if (flush) this.vm.flushRemoteTlbs()
+      }
+      // Logging off: kvm_mmu_zap_collapsible_sptes() is not modelled (mappings stay 4K).
+    }
+    this.check()
+  }
+
+  private forEachRmapInRange(slot: Memslot, start: number, end: number, fn: (head: number[]) => void): void {
+    const d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    if (d === undefined) return
+    for (let level = 1; level <= 3; level++) {
+      const arr = d.rmap[level - 1]!
+      const a = gfnToIndex(Math.max(start, slot.baseGfn), slot.baseGfn, level)
+      const b = gfnToIndex(Math.min(end, slot.baseGfn + slot.npages) - 1, slot.baseGfn, level)
+      for (let i = a; i <= b; i++) {
+        const h = arr[i]
+        if (h !== undefined && h.length > 0) fn(h)
+      }
+    }
+  }
+
+  /** kvm_unmap_gfn_range() → kvm_zap_rmap over every level. */
+  unmapGfnRange(_asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean {
+    let flush = false
+    this.forEachRmapInRange(slot, startGfn, endGfn, (head) => {
+      while (head.length > 0) {
+        this.dropSpteAt(head[head.length - 1]!)
+        flush = true
+      }
+    })
+    return flush
+  }
+
+  /** kvm_age_gfn() → kvm_rmap_age_gfn_range(): clear Accessed (or access-track), report young. */
+  ageGfnRange(_asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean {
+    let young = false
+    const fmt = this.fmt
+    this.forEachRmapInRange(slot, startGfn, endGfn, (head) => {
+      for (const sptep of head) {
+        const lo = this.readSpte(sptep)
+        const hi = this.mem.hi64
+        if (spteAdEnabled(hi)) {
+          if ((lo & fmt.accessedLo) === 0) continue
+          young = true
+          this.writeSpte(sptep, lo & ~fmt.accessedLo, hi)
+        } else {
+          if ((lo & fmt.accTrackLo) === 0) continue
+          young = true
+          const s = markSpteForAccessTrack(this.spte, fmt, lo, hi)
+          this.writeSpte(sptep, s.lo, s.hi)
+        }
+      }
+    })
+    return young
+  }
+
+  /** kvm_test_age_gfn(). */
+  testAgeGfn(_asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean {
+    let young = false
+    const fmt = this.fmt
+    this.forEachRmapInRange(slot, startGfn, endGfn, (head) => {
+      for (const sptep of head) {
+        const lo = this.readSpte(sptep)
+        const hi = this.mem.hi64
+        if (spteAdEnabled(hi) ? (lo & fmt.accessedLo) !== 0 : (lo & fmt.accTrackLo) !== 0) young = true
+      }
+    })
+    return young
+  }
+
+  /** kvm_arch_mmu_enable_log_dirty_pt_masked() → kvm_mmu_write_protect_pt_masked(). */
+  logDirtyPtMasked(slot: Memslot, gfnOffset: number, maskLo: number, maskHi: number): void {
+    const base = slot.baseGfn + gfnOffset
+    let first = -1
+    let last = -1
+    for (let b = 0; b < 64; b++) {
+      const bit = b < 32 ? (maskLo >>> b) & 1 : (maskHi >>> (b - 32)) & 1
+      if (bit === 0) continue
+      if (first < 0) first = base + b
+      last = base + b
+      this.rmapWriteProtect(this.rmapHead(slot, 1, base + b, false), false)
+    }
+    if (first >= 0 && this.vm.memslots.manualProtectAndInitSet) {
+      this.slotGfnWriteProtect(slot, first, 2, false)
+      if (Math.floor(first / 512) !== Math.floor(last / 512)) this.slotGfnWriteProtect(slot, last, 2, false)
+    }
+  }
+
+  // ================================================================== teardown, stats, audit
+
+  *destroy(): KernelOp {
+    for (const v of this.vcpuMmus) yield* this.kvmMmuFreeRoots(v, KVM_MMU_ROOTS_ALL)
+    yield* this.zapAll()
+  }
+
+  stats(): Record<string, number> {
+    return {
+      n_used_mmu_pages: this.nUsedMmuPages,
+      n_max_mmu_pages: this.nMaxMmuPages,
+      indirect_shadow_pages: this.indirectShadowPages,
+      active_mmu_pages: this.activeMmuPages.size,
+      mmu_valid_gen: this.mmuValidGen,
+      warnings: this.warnings.length,
+      ...this.counters,
+    }
+  }
+
+  audit(): string[] {
+    return auditShadowMmu(this)
+  }
+
+  /** Test access: the root slots of a vCPU. */
+  rootsOf(vcpu: KvmVcpu): { root: RootInfo; prev: RootInfo[] } {
+    const v = this.vmmu(vcpu)
+    return { root: v.root, prev: v.prevRoots }
+  }
+}
+
+/** The {@link ShadowMmu} of a VM created with a strategy of this package (throws otherwise). */
+export function shadowMmuOf(vm: Vm): ShadowMmu {
+  const m = vm.mmu
+  if (!(m instanceof ShadowMmu)) throw new KvmError('EINVAL', `the VM runs strategy '${vm.strategy.name}', not one of @mmusim/shadow-mmu`)
+  return m
+}
+
+/** Index of `addr` in a table of `level` (signed canonical addresses are exact). */
+export function spteIndex(addr: number, level: number): number {
+  return Math.floor(addr / 2 ** (12 + 9 * (level - 1))) & 511
+}
+
+/** FNAME(gpte_access). */
+function gpteAccessOf(lo: number, hi: number, nxe: boolean): number {
+  return ((lo & 2) !== 0 ? ACC_WRITE_MASK : 0) | ((lo & 4) !== 0 ? ACC_USER_MASK : 0) | (nxe && hi >>> 31 !== 0 ? 0 : ACC_EXEC_MASK)
+}
+
+/** detect_write_misaligned() for 8-byte gPTEs. */
+export function detectWriteMisaligned(gpa: number, bytes: number): boolean {
+  const offset = gpa % 4096
+  if ((offset & 7) === 0 && bytes === 1) return false
+  return ((offset ^ (offset + bytes - 1)) & ~7) !== 0 || bytes < 4
+}
+
