@@ -19,7 +19,7 @@ export const LAYERS = {
   bench: ['x86-hw', 'kvm', 'guest', 'harness', 'shadow-mmu', 'tdp-mmu'],
 }
 
-/** Tests may also drive the package with guest programs (never another MMU). */
+/** Tests and benchmarks may also drive the package with guest programs (never another MMU). */
 const TEST_EXTRA = {
   kvm: ['guest'],
   'shadow-mmu': ['guest'],
@@ -49,7 +49,8 @@ const rule = {
     const filename = context.filename
     const from = packageOf(filename)
     if (from === undefined || !(from in LAYERS)) return {}
-    const isTest = /\.(test|spec)\.ts$/.test(filename)
+    // Tests and a package's own benchmarks (bench/) may drive it with guest programs.
+    const isTest = /\.(test|spec)\.ts$/.test(filename) || /\/(?:packages|apps)\/[^/]+\/bench\//.test(filename.split(path.sep).join('/'))
     // Package config files may import the shared root configs; source files may not leave the package.
     const isSource = !/\/[^/]+\.config\.ts$/.test(filename.split(path.sep).join('/'))
     const allowed = new Set([...LAYERS[from], ...(isTest ? (TEST_EXTRA[from] ?? []) : [])])

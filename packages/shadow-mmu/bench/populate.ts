@@ -3,7 +3,6 @@
  * faults per second (wall clock, whole VM run) and simulated time. Run: `pnpm bench`.
  */
 import { Bench } from 'tinybench'
-// eslint-disable-next-line mmusim/layering -- the benchmark's workloads are the guest OS's programs (a devDependency)
 import { type Cpu, forkStorm, GuestOs, memstress, type Routine } from '@mmusim/guest'
 import { type MmuStrategy, Vm } from '@mmusim/kvm'
 import { legacyTdpStrategy, shadowStrategy } from '../src/index.ts'
