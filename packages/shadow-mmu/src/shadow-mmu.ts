@@ -1599,6 +1599,8 @@ export class ShadowMmu implements MmuInstance {
     try {
       if (this.isPageFaultStale(v, mmuSeq, gfn, slot)) return RET_PF_RETRY
       if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
+      // The fault's software work, done holding mmu_lock for write: it serializes vCPUs.
+      yield cost(this.costs.mmuFaultWork)
       return yield* this.fetch(v, f.addr, gfn, slot, pfn, hostWritable, hva, pteAccess, write)
     } finally {
       vm.mmuLock.writeUnlock()
@@ -1803,6 +1805,8 @@ export class ShadowMmu implements MmuInstance {
     try {
       if (this.isPageFaultStale(v, mmuSeq, gfn, slot)) return RET_PF_RETRY
       if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
+      // The fault's software work, done holding mmu_lock for write: it serializes vCPUs.
+      yield cost(this.costs.mmuFaultWork)
       // direct_map()
       const maxLevel = this.config.tdp ? 3 : 2
       const goal = this.hugepageAdjust(slot, gfn, maxLevel, hva)

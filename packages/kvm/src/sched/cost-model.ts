@@ -77,6 +77,16 @@ export interface CostModel {
    * notifier invalidation can race with a fault.
    */
   readonly gup: number
+  /**
+   * The MMU's own software work to handle one page fault once it holds mmu_lock: walking and
+   * installing SPTEs, shadow-page/rmap bookkeeping, memslot and lpage lookups. Derived from
+   * anchors.md §B.12 (LKML, dirty_log_perf_test, 64 vCPUs × 1 GiB): the legacy MMU populated
+   * 16.8 M faults in 20.4 s, i.e. ≤ 1.2 µs of work serialized per fault under the write lock;
+   * 0.8 µs here, the rest being lock hand-over (cacheLineTransfer) and exit costs (estimate).
+   * Under the write lock (legacy MMU, shadow) it serializes vCPUs; under the read lock (TDP MMU)
+   * it overlaps.
+   */
+  readonly mmuFaultWork: number
 }
 
 /** The defaults documented on {@link CostModel}. */
@@ -98,6 +108,7 @@ export const DEFAULT_COSTS: Readonly<CostModel> = Object.freeze({
   pause: 40,
   ipiSend: 500,
   gup: 150,
+  mmuFaultWork: 800,
 })
 
 /**
