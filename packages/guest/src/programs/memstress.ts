@@ -92,35 +92,66 @@ export function* memstress(cpu: Cpu, params: MemstressParams = {}): Routine {
   const pages = bytes / stride
   const prng = new Prng(params.seed ?? 1).fork(cpu.id)
   const b: AccessBatch = { addrs: new Float64Array(pages), kinds: new Uint8Array(pages), values: new Uint32Array(pages) }
-  const expected = new Uint32Array(pages)
   const last = new Uint32Array(pages)
   for (let it = 0; it < iterations; it++) {
-    for (let i = 0; i < pages; i++) {
-      const page = params.randomAccess === true ? prng.nextInt(pages) : i
-      b.addrs[i] = region + page * stride
-      if (prng.nextInt(100) < writePercent) {
-        const v = overlap ? memstressValue(0, page, 0) : memstressValue(cpu.id, page, it)
-        b.kinds[i] = 1
-        b.values[i] = v
-        last[page] = v
-      } else {
-        b.kinds[i] = 0
-        b.values[i] = 0
-        expected[i] = last[page]!
-      }
-    }
-    yield* cpu.batch(b, 0, pages)
-    for (let i = 0; i < pages; i++) {
-      if (b.kinds[i] !== 0) continue
-      const got = b.values[i]!
-      if (overlap) {
-        const page = (b.addrs[i]! - region) / stride
-        if (got !== 0 && got !== memstressValue(0, page, 0)) cpu.mismatch(b.addrs[i]!, memstressValue(0, page, 0), got)
-      } else if (got !== expected[i]) cpu.mismatch(b.addrs[i]!, expected[i]!, got)
-    }
+    const spec = { region, stride, pages, total: pages, every: 1, randomAccess: params.randomAccess === true, writePercent, overlap, iteration: it }
+    yield* memstressAccessPass(cpu, spec, prng, b, last)
     params.onIteration?.(cpu.id, it)
   }
   yield* switchMm(cpu, null)
   yield* os.barrier(cpu, 'memstress:done')
   if (cpu.id === 0) yield* exitProcess(cpu, task)
+}
+
+/** One pass of memstress over a vCPU's region (see {@link memstressAccessPass}). */
+export interface MemstressPassSpec {
+  /** First byte of this vCPU's region. */
+  region: number
+  /** Access stride (guest_page_size). */
+  stride: number
+  /** Accesses in this pass. */
+  pages: number
+  /** Pages in the region (the random-access range). */
+  total: number
+  /** Sequential passes touch every `every`-th page. */
+  every: number
+  randomAccess: boolean
+  writePercent: number
+  /** All vCPUs share one region (`-o`): values written are vCPU-independent. */
+  overlap: boolean
+  iteration: number
+}
+
+/**
+ * The loop body of the selftests' memstress guest_code: one access per page (random or
+ * sequential), a write with probability writePercent storing {@link memstressValue}, else a read
+ * checked against the last value this vCPU wrote there — as one batch op. `last[page]` carries the
+ * written values across passes. Mismatches are recorded on the vCPU.
+ */
+export function* memstressAccessPass(cpu: Cpu, s: MemstressPassSpec, prng: Prng, b: AccessBatch, last: Uint32Array): Routine {
+  const expected = new Uint32Array(s.pages)
+  for (let i = 0; i < s.pages; i++) {
+    const page = s.randomAccess ? prng.nextInt(s.total) : i * s.every
+    b.addrs[i] = s.region + page * s.stride
+    if (prng.nextInt(100) < s.writePercent) {
+      const v = s.overlap ? memstressValue(0, page, 0) : memstressValue(cpu.id, page, s.iteration)
+      b.kinds[i] = 1
+      b.values[i] = v
+      last[page] = v
+    } else {
+      b.kinds[i] = 0
+      b.values[i] = 0
+      expected[i] = last[page]!
+    }
+  }
+  yield* cpu.batch(b, 0, s.pages)
+  for (let i = 0; i < s.pages; i++) {
+    if (b.kinds[i] !== 0) continue
+    const got = b.values[i]!
+    if (s.overlap) {
+      // Another vCPU may or may not have written the shared page yet.
+      const page = (b.addrs[i]! - s.region) / s.stride
+      if (got !== 0 && got !== memstressValue(0, page, 0)) cpu.mismatch(b.addrs[i]!, memstressValue(0, page, 0), got)
+    } else if (got !== expected[i]) cpu.mismatch(b.addrs[i]!, expected[i]!, got)
+  }
 }

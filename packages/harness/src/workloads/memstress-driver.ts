@@ -1,4 +1,4 @@
-import { type Cpu, exitProcess, memstressValue, mmap, mprotect, populate, preallocTables, Prng, type Routine, switchMm, type Task } from '@mmusim/guest'
+import { type Cpu, exitProcess, memstressAccessPass, mmap, mprotect, populate, preallocTables, Prng, type Routine, switchMm, type Task } from '@mmusim/guest'
 import { KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES, type Vm } from '@mmusim/kvm'
 import type { AccessBatch } from '@mmusim/x86-hw'
 import type { WorkloadContext } from '../workload.ts'
@@ -82,34 +82,18 @@ export function* memstressPass(cpu: Cpu, r: MemstressRegion, o: PassOptions): Ro
   const every = o.every ?? 1
   const pages = Math.floor(r.bytesPerVcpu / r.stride / every)
   const total = r.bytesPerVcpu / r.stride
-  const b = r.batches[cpu.id]!
-  const last = r.last[cpu.id]!
-  const prng = r.prng[cpu.id]!
-  const wp = o.writePercent ?? 100
-  const expected = new Uint32Array(pages)
-  for (let i = 0; i < pages; i++) {
-    const page = o.randomAccess === true ? prng.nextInt(total) : i * every
-    b.addrs[i] = region + page * r.stride
-    if (prng.nextInt(100) < wp) {
-      const v = r.overlap ? memstressValue(0, page, 0) : memstressValue(cpu.id, page, o.iteration)
-      b.kinds[i] = 1
-      b.values[i] = v
-      last[page] = v
-    } else {
-      b.kinds[i] = 0
-      b.values[i] = 0
-      expected[i] = last[page]!
-    }
+  const spec = {
+    region,
+    stride: r.stride,
+    pages,
+    total,
+    every,
+    randomAccess: o.randomAccess === true,
+    writePercent: o.writePercent ?? 100,
+    overlap: r.overlap,
+    iteration: o.iteration,
   }
-  yield* cpu.batch(b, 0, pages)
-  for (let i = 0; i < pages; i++) {
-    if (b.kinds[i] !== 0) continue
-    const got = b.values[i]!
-    if (r.overlap) {
-      const page = (b.addrs[i]! - region) / r.stride
-      if (got !== 0 && got !== memstressValue(0, page, 0)) cpu.mismatch(b.addrs[i]!, memstressValue(0, page, 0), got)
-    } else if (got !== expected[i]) cpu.mismatch(b.addrs[i]!, expected[i]!, got)
-  }
+  yield* memstressAccessPass(cpu, spec, r.prng[cpu.id]!, r.batches[cpu.id]!, r.last[cpu.id]!)
 }
 
 /** Change the guest protection of the whole region (vCPU 0). */
