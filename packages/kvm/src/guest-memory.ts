@@ -49,11 +49,11 @@ export class GuestMemory implements NestedTranslator {
     if (slot === null) return -1
     if (write && (slot.flags & KVM_MEM_READONLY) !== 0) return -2
     const off = gpa - gfn * 4096
-    const r = this.host.resolve(gfnToHvaMemslot(slot, gfn) + off, write)
-    if (!r.ok) return -2
+    const pfn = this.host.resolvePfn(gfnToHvaMemslot(slot, gfn) + off, write)
+    if (pfn < 0) return -2
     if (write) this.memslots.markPageDirty(slot, gfn)
     this.lastSlot = slot
-    return r.hpa + off
+    return pfn * 4096 + off
   }
 
   /** kvm_vcpu_read_guest of a 32-bit word; returns -1 when the GPA is not readable guest memory. */

@@ -367,21 +367,45 @@ export class HostMemory {
 
   /** The pfn mapped at hva and its level, without faulting anything in; null if unmapped. */
   lookup(hva: number): { pfn: number; level: number } | null {
-    const p1 = this.pt1g.get(Math.floor(hva / SIZE_1G))
-    if (p1 !== undefined) return { pfn: p1 + Math.floor((hva % SIZE_1G) / PAGE), level: PG_LEVEL_1G }
-    const p2 = this.pt2m.get(Math.floor(hva / SIZE_2M))
-    if (p2 !== undefined) return { pfn: p2 + Math.floor((hva % SIZE_2M) / PAGE), level: PG_LEVEL_2M }
-    const p = this.pt4k.get(Math.floor(hva / PAGE))
-    if (p !== undefined) return { pfn: p, level: PG_LEVEL_4K }
-    return null
+    const pfn = this.lookupPfn(hva)
+    return pfn < 0 ? null : { pfn, level: this.outLevel }
   }
+
+  /** {@link lookup} without allocating: the pfn (level in `outLevel`), or -1 if unmapped. */
+  private lookupPfn(hva: number): number {
+    if (this.pt1g.size > 0) {
+      const p1 = this.pt1g.get(Math.floor(hva / SIZE_1G))
+      if (p1 !== undefined) {
+        this.outLevel = PG_LEVEL_1G
+        return p1 + Math.floor((hva % SIZE_1G) / PAGE)
+      }
+    }
+    if (this.pt2m.size > 0) {
+      const p2 = this.pt2m.get(Math.floor(hva / SIZE_2M))
+      if (p2 !== undefined) {
+        this.outLevel = PG_LEVEL_2M
+        return p2 + Math.floor((hva % SIZE_2M) / PAGE)
+      }
+    }
+    const p = this.pt4k.get(Math.floor(hva / PAGE))
+    if (p === undefined) return -1
+    this.outLevel = PG_LEVEL_4K
+    return p
+  }
+
+  /** Mapping level of the last successful {@link resolvePfn} or lookup (1 = 4K, 2 = 2M, 3 = 1G). */
+  outLevel = PG_LEVEL_4K
+  /** Whether the host mapping of the last successful {@link resolvePfn} allows writes. */
+  outWritable = false
+  /** Why the last failed {@link resolvePfn} failed. */
+  outReason: HostFaultReason = 'no-vma'
 
   /**
    * `host_pfn_mapping_level` (mmu.c): the size of the host mapping of hva (1 = 4K, 2 = 2M, 3 = 1G);
    * an unmapped hva reports 4K, as the kernel's walk does.
    */
   hostMappingLevel(hva: number): number {
-    return this.lookup(hva)?.level ?? PG_LEVEL_4K
+    return this.lookupPfn(hva) < 0 ? PG_LEVEL_4K : this.outLevel
   }
 
   /**
@@ -391,21 +415,32 @@ export class HostMemory {
    * aligned 512-frame run when one is free and no 4K page is already mapped there.
    */
   resolve(hva: number, write: boolean): HostPfn | HostFault {
+    const pfn = this.resolvePfn(hva, write)
+    if (pfn < 0) return { ok: false, errno: HOST_EFAULT, reason: this.outReason }
+    return { ok: true, pfn, hpa: pfn * PAGE, writable: this.outWritable, level: this.outLevel }
+  }
+
+  /**
+   * {@link resolve} without allocating, for the page-fault path: returns the pfn and leaves the
+   * mapping's writability and level in {@link outWritable} / {@link outLevel}, or returns
+   * {@link HOST_EFAULT} with the reason in {@link outReason}. Same effects and stats as resolve.
+   */
+  resolvePfn(hva: number, write: boolean): number {
     this.stats.resolves++
     const vma = this.findVma(hva)
     if (vma === undefined) return this.fault('no-vma')
     if (write && vma.readonly) return this.fault('readonly')
-    const writable = !vma.readonly
-    const hit = this.lookup(hva)
-    if (hit !== null) return { ok: true, pfn: hit.pfn, hpa: hit.pfn * PAGE, writable, level: hit.level }
+    this.outWritable = !vma.readonly
+    const hit = this.lookupPfn(hva)
+    if (hit >= 0) return hit
     this.stats.demandFaults++
     if (vma.hugetlb1G) {
       const f = this.frames.allocOrder(ORDER_1G)
       if (f < 0) return this.fault('oom')
       this.pt1g.set(Math.floor(hva / SIZE_1G), f)
       this.stats.hugetlbPages++
-      const pfn = f + Math.floor((hva % SIZE_1G) / PAGE)
-      return { ok: true, pfn, hpa: pfn * PAGE, writable, level: PG_LEVEL_1G }
+      this.outLevel = PG_LEVEL_1G
+      return f + Math.floor((hva % SIZE_1G) / PAGE)
     }
     if (vma.thp) {
       const base = alignedDown(hva, SIZE_2M)
@@ -415,8 +450,8 @@ export class HostMemory {
         if (f >= 0) {
           this.pt2m.set(region, f)
           this.stats.thpPages++
-          const pfn = f + Math.floor((hva - base) / PAGE)
-          return { ok: true, pfn, hpa: pfn * PAGE, writable, level: PG_LEVEL_2M }
+          this.outLevel = PG_LEVEL_2M
+          return f + Math.floor((hva - base) / PAGE)
         }
         this.stats.thpFallbacks++
       } else if (base >= vma.start && base + SIZE_2M <= vma.end) {
@@ -427,12 +462,14 @@ export class HostMemory {
     if (f < 0) return this.fault('oom')
     this.map4k(Math.floor(hva / PAGE), f)
     this.stats.pages4k++
-    return { ok: true, pfn: f, hpa: f * PAGE, writable, level: PG_LEVEL_4K }
+    this.outLevel = PG_LEVEL_4K
+    return f
   }
 
-  private fault(reason: HostFaultReason): HostFault {
+  private fault(reason: HostFaultReason): number {
     this.stats.faults++
-    return { ok: false, errno: HOST_EFAULT, reason }
+    this.outReason = reason
+    return HOST_EFAULT
   }
 
   private map4k(vpn: number, pfn: number): void {

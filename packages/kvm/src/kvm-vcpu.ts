@@ -225,7 +225,11 @@ export class KvmVcpu {
       }
       yield cost(ns + costs.vmExitRoundTrip)
       this.stats.exits++
-      const done = yield* this.handleExit(op)
+      // Page-fault exits straight to their handler: one generator layer less on every yield of the fault.
+      const reason = hw.exit.reason
+      const done = reason === EXIT_EPT_VIOLATION || reason === EXIT_PF || reason === EXIT_NPF || reason === EXIT_EPT_MISCONFIG
+        ? yield* this.handlePageFaultExit(op)
+        : yield* this.handleExit(op)
       if (this.injectedPf) {
         this.injectedPf = false
         op.status = RES_PF

@@ -52,9 +52,12 @@ const U64_LIMIT = 1n << 64n
 export function kvmHpageGfnShift(level: number): number {
   return (level - 1) * 9
 }
+/** 4K pages per level-1..5 mapping, for {@link kvmPagesPerHpage}. */
+const PAGES_PER_HPAGE: readonly number[] = [2 ** -9, 1, 512, 512 * 512, 512 * 512 * 512, 512 ** 4]
 /** `KVM_PAGES_PER_HPAGE(level)`: 1, 512, 262144. */
 export function kvmPagesPerHpage(level: number): number {
-  return 2 ** ((level - 1) * 9)
+  // A table, not `2 ** ((level - 1) * 9)`: `**` with a variable exponent is a slow pow() call.
+  return PAGES_PER_HPAGE[level] ?? 2 ** ((level - 1) * 9)
 }
 /** `gfn_to_index(gfn, base_gfn, level)` (arch/x86/kvm/mmu.h): index of gfn's huge page inside the slot. */
 export function gfnToIndex(gfn: number, baseGfn: number, level: number): number {

@@ -1552,10 +1552,11 @@ export class ShadowMmu implements MmuInstance {
     const hva = gfnToHvaMemslot(slot, gfn)
     const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0
     if (write && readonlySlot) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: write fault on read-only memslot ${slot.id} (gfn 0x${gfn.toString(16)})`)
-    const r = this.vm.host.resolve(hva, write)
-    if (!r.ok) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: the host refused gfn 0x${gfn.toString(16)} (hva 0x${hva.toString(16)}): ${r.reason}`)
-    out.pfn = r.pfn
-    out.hostWritable = r.writable && !readonlySlot
+    const host = this.vm.host
+    const pfn = host.resolvePfn(hva, write)
+    if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: the host refused gfn 0x${gfn.toString(16)} (hva 0x${hva.toString(16)}): ${host.outReason}`)
+    out.pfn = pfn
+    out.hostWritable = host.outWritable && !readonlySlot
     out.hva = hva
     return slot
   }

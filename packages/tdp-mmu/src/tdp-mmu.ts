@@ -640,7 +640,9 @@ export class TdpMmu {
       this.counters.atomic_retries++
       return false
     }
-    yield* this.handleChangedSpte(iter.asId, iter.gfn, oldLo, oldHi, newLo >>> 0, newHi >>> 0, iter.level, true, flushable)
+    // handle_changed_spte() with its generator part only when a table was removed (rare).
+    const removed = this.changedSpteBookkeeping(iter.asId, iter.gfn, oldLo, oldHi, newLo >>> 0, newHi >>> 0, iter.level, flushable)
+    if (removed !== null) yield* this.handleRemovedPt(removed, true, flushable)
     return true
   }
 
@@ -662,6 +664,15 @@ export class TdpMmu {
    * a zap creates a flush obligation (F1/F2); invalid roots and teardown need none (F6/F7).
    */
   *handleChangedSpte(asId: number, gfn: number, oldLo: number, oldHi: number, newLo: number, newHi: number, level: number, shared: boolean, flushable: boolean): KernelOp {
+    const removed = this.changedSpteBookkeeping(asId, gfn, oldLo, oldHi, newLo, newHi, level, flushable)
+    if (removed !== null) yield* this.handleRemovedPt(removed, shared, flushable)
+  }
+
+  /**
+   * The non-yielding part of {@link handleChangedSpte}: checks and accounting. Returns the child
+   * table the change disconnected (the caller must run handle_removed_pt() on it), or null.
+   */
+  private changedSpteBookkeeping(asId: number, gfn: number, oldLo: number, oldHi: number, newLo: number, newHi: number, level: number, flushable: boolean): KvmMmuPage | null {
     const wasP = isShadowPresentPte(oldLo)
     const isP = isShadowPresentPte(newLo)
     const wasLeaf = wasP && isLastSpte(oldLo, level)
@@ -670,7 +681,7 @@ export class TdpMmu {
     if (wasLeaf && isLeaf && pfnChanged) {
       this.bug(`leaf SPTE for gfn 0x${gfn.toString(16)} L${String(level)} changed pfn without going through non-present: ${spteToString(oldLo, oldHi, this.fmt)} → ${spteToString(newLo, newHi, this.fmt)}`)
     }
-    if (oldLo === newLo && oldHi === newHi) return
+    if (oldLo === newLo && oldHi === newHi) return null
     if (isLeaf) {
       const bad = spteWritableInvariantViolation(this.fmt, newLo, newHi)
       if (bad !== null) this.bug(`check_spte_writable_invariants: ${bad}`)
@@ -679,7 +690,7 @@ export class TdpMmu {
       if (!isMmioSpte(this.fmt, oldLo, oldHi) && !isMmioSpte(this.fmt, newLo, newHi) && !isFrozenSpte(newLo, newHi)) {
         this.warn(`illegal non-present → non-present change for gfn 0x${gfn.toString(16)} as_id ${String(asId)} L${String(level)}: ${spteToString(oldLo, oldHi, this.fmt)} → ${spteToString(newLo, newHi, this.fmt)}`)
       }
-      return
+      return null
     }
     if (wasLeaf !== isLeaf) this.adjustPages(level, isLeaf ? 1 : -1)
     if (flushable && wasLeaf && !isP) this.owe(this.owedLeafFlush)
@@ -689,8 +700,9 @@ export class TdpMmu {
         this.owe(this.owedLeafFlush)
         this.owe(this.owedTableFlush)
       }
-      yield* this.handleRemovedPt(this.childSp(oldLo, oldHi), shared, flushable)
+      return this.childSp(oldLo, oldHi)
     }
+    return null
   }
 
   /**
@@ -1050,7 +1062,8 @@ export class TdpMmu {
    * notifier sequence snapshotted first, then map under mmu_lock held for read unless stale.
    */
   *kvmTdpPageFault(vcpu: KvmVcpu, st: TdpVcpuState, f: TdpFault): KernelOp<RetPf> {
-    if (this.opts.fastPageFault) {
+    // page_fault_can_be_fast() first, so the common not-present fault creates no generator for it.
+    if (this.opts.fastPageFault && this.pageFaultCanBeFast(st, f)) {
       const r = yield* this.fastPageFault(vcpu, st, f)
       if (r !== RET_PF_INVALID) return r
     }
@@ -1069,18 +1082,21 @@ export class TdpMmu {
       if (f.write && (slot.flags & KVM_MEM_READONLY) !== 0) {
         throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: guest write to gfn 0x${f.gfn.toString(16)} of read-only memslot ${String(slot.id)} (an MMIO exit to userspace; not modelled)`)
       }
-      const r = vm.host.resolve(gfnToHvaMemslot(slot, f.gfn), f.write)
-      if (!r.ok) throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: hva_to_pfn failed for gfn 0x${f.gfn.toString(16)} (${r.reason}): KVM returns -EFAULT to userspace`)
-      f.pfn = r.pfn
-      f.hostWritable = r.writable && (slot.flags & KVM_MEM_READONLY) === 0
-      f.hostLevel = r.level
+      const host = vm.host
+      const pfn = host.resolvePfn(gfnToHvaMemslot(slot, f.gfn), f.write)
+      if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: hva_to_pfn failed for gfn 0x${f.gfn.toString(16)} (${host.outReason}): KVM returns -EFAULT to userspace`)
+      f.pfn = pfn
+      f.hostWritable = host.outWritable && (slot.flags & KVM_MEM_READONLY) === 0
+      f.hostLevel = host.outLevel
     }
     // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so invalidations
     // can run between the sequence snapshot and mmu_lock (S21).
     yield this.sched.costs.dramRef * 2
     if (slot !== null && !this.hz.skipInvalidationRetry && vm.notifierState.retryGfnUnsafe(f.mmuSeq, f.gfn)) return RET_PF_RETRY
     const lock = vm.mmuLock
-    yield* lock.readLock()
+    const acquireNs = lock.readLockFast() // read_lock() without a generator when uncontended
+    if (acquireNs >= 0) yield acquireNs
+    else yield* lock.readLock()
     // The fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap it.
     yield this.sched.costs.mmuFaultWork
     let r: RetPf = RET_PF_RETRY
@@ -1191,16 +1207,20 @@ export class TdpMmu {
     })
   }
 
+  /** page_fault_can_be_fast() (and a root to walk): otherwise fast_page_fault() returns RET_PF_INVALID at once. */
+  private pageFaultCanBeFast(st: TdpVcpuState, f: TdpFault): boolean {
+    if (f.rsvd) return false
+    if (!f.present ? this.fmt.adEnabled : !f.write) return false
+    return st.root !== null
+  }
+
   /**
    * fast_page_fault() (lockless, RCU only): fix a write-protected (MMU-writable) or access-tracked
    * leaf with one cmpxchg; no bookkeeping (leafness and pfn never change). Up to 4 retries.
    */
   private *fastPageFault(vcpu: KvmVcpu, st: TdpVcpuState, f: TdpFault): KernelOp<RetPf> {
-    // page_fault_can_be_fast()
-    if (f.rsvd) return RET_PF_INVALID
-    if (!f.present ? this.fmt.adEnabled : !f.write) return RET_PF_INVALID
-    const root = st.root
-    if (root === null) return RET_PF_INVALID
+    if (!this.pageFaultCanBeFast(st, f)) return RET_PF_INVALID
+    const root = st.root!
     const rcu = this.vm.rcu
     rcu.readLock()
     const iter = st.iter

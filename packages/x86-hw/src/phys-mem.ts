@@ -15,6 +15,16 @@ export const LOC_ZERO = -1
 export const LOC_OPEN_BUS = -2
 const NO_WORDS = new Uint32Array(0)
 
+/**
+ * Backing chunks given back by {@link PhysMem.releaseStorage} (a destroyed VM), reused by later
+ * PhysMems in this process. A fresh chunk costs the OS a page fault plus zeroing per 4 KiB on
+ * first store, which was most of a populate run's wall time; a recycled one is already resident.
+ * `dirtySlots`: frames at its start that may hold old data (zeroed when a frame is next backed).
+ * Capped so that a process keeps at most POOL_MAX_CHUNKS × 64 MiB of idle storage.
+ */
+const chunkPool: { words: Uint32Array; dirtySlots: number }[] = []
+const POOL_MAX_CHUNKS = 8
+
 /** Options of a {@link PhysMem}. */
 export interface PhysMemOptions {
   /** Installed memory in bytes (a multiple of 4096). Addresses at or above it read as all ones and ignore writes. */
@@ -42,6 +52,8 @@ export class PhysMem {
   private chunk0: Uint32Array = NO_WORDS
   private readonly freeSlots: number[] = []
   private nextSlot = 0
+  /** Per chunk: leading slots that may hold stale data from a recycled chunk (see chunkPool). */
+  private readonly chunkDirty: number[] = []
   /** Frames that currently have storage. */
   backedFrames = 0
 
@@ -176,7 +188,8 @@ export class PhysMem {
       s = this.back(frame)
     }
     const slot = s - 1
-    this.chunks[slot >>> 14]![((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)] = value // as in locate
+    const buf = slot < 0x4000 ? this.chunk0 : this.chunks[slot >>> 14]! // as in locate
+    buf[((slot & 0x3fff) << 10) | ((pa & 0xfff) >>> 2)] = value
   }
 
   /** Write a 64-bit entry as two halves. */
@@ -270,14 +283,45 @@ export class PhysMem {
     else {
       slot = this.nextSlot++
       if ((slot & (CHUNK_FRAMES - 1)) === 0) {
-        this.chunks.push(new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
+        const pooled = chunkPool.pop()
+        this.chunks.push(pooled?.words ?? new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
+        this.chunkDirty.push(pooled?.dirtySlots ?? 0)
         this.chunk0 = this.chunks[0]!
+      }
+      // A never-used slot of a recycled chunk: clear what the previous owner left there.
+      const inChunk = slot & (CHUNK_FRAMES - 1)
+      if (inChunk < this.chunkDirty[slot >>> CHUNK_SHIFT]!) {
+        this.chunks[slot >>> CHUNK_SHIFT]!.fill(0, inChunk << 10, (inChunk + 1) << 10)
       }
     }
     this.slotOf[frame] = slot + 1
     this.backedFrames++
     this.hintFrame.fill(-1)
     return slot + 1
+  }
+
+  /**
+   * Drop every frame's storage (all read as zero again; poisoned frames stay poisoned) and give the
+   * backing chunks to a process-wide pool for later PhysMems, sparing them the OS's first-touch
+   * cost. For the owner of a memory that is done with it (Vm.destroy()).
+   */
+  releaseStorage(): void {
+    const slotOf = this.slotOf
+    for (let f = 0; f < slotOf.length; f++) if (slotOf[f]! > 0) slotOf[f] = 0
+    for (let i = 0; i < this.chunks.length; i++) {
+      if (chunkPool.length >= POOL_MAX_CHUNKS) break
+      // Slots handed out from this chunk (all of it unless it is the last one).
+      const used = Math.min(CHUNK_FRAMES, this.nextSlot - i * CHUNK_FRAMES)
+      chunkPool.push({ words: this.chunks[i]!, dirtySlots: Math.max(used, this.chunkDirty[i]!) })
+    }
+    this.chunks.length = 0
+    this.chunkDirty.length = 0
+    this.chunk0 = NO_WORDS
+    this.locBuf = NO_WORDS
+    this.freeSlots.length = 0
+    this.nextSlot = 0
+    this.backedFrames = 0
+    this.hintFrame.fill(-1)
   }
 
   private release(frame: number, s: number, newState: number): void {

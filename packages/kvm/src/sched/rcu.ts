@@ -99,7 +99,7 @@ export class Rcu implements HeldResource, TimedEventSource {
 
   /** rcu_read_lock(): enter (or nest) a read-side section of the current thread. */
   readLock(): void {
-    const t = this.sched.requireCurrent(`rcu_read_lock(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`rcu_read_lock(${this.name})`)
     const n = this.nesting[t.id] ?? 0
     if (n === 0) {
       this.enteredAt[t.id] = this.nextSeq
@@ -112,7 +112,7 @@ export class Rcu implements HeldResource, TimedEventSource {
 
   /** rcu_read_unlock(). Throws `RCU_UNBALANCED` if the current thread is not in a section. */
   readUnlock(): void {
-    const t = this.sched.requireCurrent(`rcu_read_unlock(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`rcu_read_unlock(${this.name})`)
     const n = this.nesting[t.id] ?? 0
     if (n === 0) {
       throw new ConcurrencyError(
@@ -150,7 +150,7 @@ export class Rcu implements HeldResource, TimedEventSource {
    * inside a read-side section.
    */
   assertReadLockHeld(): void {
-    const t = this.sched.requireCurrent(`assertReadLockHeld(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`assertReadLockHeld(${this.name})`)
     if ((this.nesting[t.id] ?? 0) === 0) {
       throw new ConcurrencyError(
         'RCU_NOT_HELD',

@@ -43,10 +43,12 @@ export class RwLock implements WaitTarget, HeldResource {
   private readonly preemptible: boolean
   private writer: Thread | null = null
   private writeSince = 0
-  /** thread id → read nesting depth */
-  private readonly readers = new Map<number, number>()
+  /** thread id → read nesting depth (0: not a reader). Arrays, not Maps: ids are dense and this is per fault. */
+  private readonly readDepth: number[] = []
   /** thread id → time of its outermost read acquisition */
-  private readonly readSince = new Map<number, number>()
+  private readonly readSince: number[] = []
+  /** Threads with readDepth > 0. */
+  private readerThreads = 0
   private readonly queue = new WaiterQueue()
   /** Simulated time of the last write unlock: readers cannot hold the lock before it. */
   private lastWriteRelease = 0
@@ -62,7 +64,7 @@ export class RwLock implements WaitTarget, HeldResource {
   /** The mode in which `t` holds this lock. */
   heldBy(t: Thread): LockMode | 'none' {
     if (this.writer === t) return 'write'
-    return this.readers.has(t.id) ? 'read' : 'none'
+    return (this.readDepth[t.id] ?? 0) > 0 ? 'read' : 'none'
   }
 
   /** The mode in which the running thread holds this lock ('none' outside threads); for "RCU or write lock" style checks. */
@@ -78,7 +80,7 @@ export class RwLock implements WaitTarget, HeldResource {
 
   /** Number of distinct threads holding the lock for read. */
   get readerCount(): number {
-    return this.readers.size
+    return this.readerThreads
   }
 
   /** Number of queued waiters. */
@@ -96,62 +98,75 @@ export class RwLock implements WaitTarget, HeldResource {
 
   /** read_lock(): shared acquisition; queues behind any waiter (qrwlock fairness). */
   *readLock(): KernelOp {
-    const t = this.sched.requireCurrent(`read_lock(${this.name})`)
+    const fast = this.readLockFast()
+    if (fast >= 0) {
+      yield fast
+      return
+    }
+    // `current ??`: the message string is only built when there is no thread.
+    const t = this.sched.current ?? this.sched.requireCurrent(`read_lock(${this.name})`)
     if (this.writer === t) throw this.selfDeadlock(t, 'read_lock', 'write')
     const start = t.clock
-    let contended: boolean
-    if (this.writer === null && this.queue.size === 0) {
-      contended = this.lastWriteRelease > t.clock
-      if (contended) t.clock = this.lastWriteRelease
-      this.grantRead(t)
-    } else {
-      contended = true
-      this.queue.push(t, READ)
-      yield this // the unlocker grants us the lock and sets our clock to its release time
-    }
-    if (this.readers.get(t.id) === 1) recordWait(this.stats.read, t.clock - start, contended)
+    this.queue.push(t, READ)
+    yield this // the unlocker grants us the lock and sets our clock to its release time
+    if (this.readDepth[t.id] === 1) recordWait(this.stats.read, t.clock - start, true)
     const c = this.sched.costs
-    yield contended ? c.lockAcquire + c.cacheLineTransfer : c.lockAcquire
+    yield c.lockAcquire + c.cacheLineTransfer
+  }
+
+  /**
+   * {@link readLock}'s uncontended path as a plain call, so a hot caller needs no generator for
+   * it: if no writer holds or waits for the lock, take it for read and return the ns the caller
+   * must then `yield` (exactly what readLock() would yield); otherwise change nothing and return
+   * -1, and the caller does `yield* readLock()`.
+   */
+  readLockFast(): number {
+    const t = this.sched.current
+    if (t === null || this.writer !== null || this.queue.size > 0) return -1
+    const start = t.clock
+    const contended = this.lastWriteRelease > start
+    if (contended) t.clock = this.lastWriteRelease
+    this.grantRead(t)
+    if (this.readDepth[t.id] === 1) recordWait(this.stats.read, t.clock - start, contended)
+    const c = this.sched.costs
+    return contended ? c.lockAcquire + c.cacheLineTransfer : c.lockAcquire
   }
 
   /** read_trylock(): take the lock for read if no writer holds it or waits for it. */
   tryReadLock(): boolean {
-    const t = this.sched.requireCurrent(`read_trylock(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`read_trylock(${this.name})`)
     this.sched.charge(this.sched.costs.lockAcquire)
     if (this.writer !== null || this.queue.size > 0) return false
     const contended = this.lastWriteRelease > t.clock
     if (contended) t.clock = this.lastWriteRelease
     this.grantRead(t)
-    if (this.readers.get(t.id) === 1) recordWait(this.stats.read, 0, contended)
+    if (this.readDepth[t.id] === 1) recordWait(this.stats.read, 0, contended)
     return true
   }
 
   /** read_unlock(). Throws `LOCK_NOT_HELD` if the current thread does not hold it for read. */
   readUnlock(): void {
-    const t = this.sched.requireCurrent(`read_unlock(${this.name})`)
-    const n = this.readers.get(t.id)
-    if (n === undefined) throw this.notHeld(t, 'read_unlock', 'read')
+    const t = this.sched.current ?? this.sched.requireCurrent(`read_unlock(${this.name})`)
+    const n = this.readDepth[t.id] ?? 0
+    if (n === 0) throw this.notHeld(t, 'read_unlock', 'read')
     this.sched.charge(this.sched.costs.lockRelease)
     removeHeld(t, this)
-    if (n > 1) {
-      this.readers.set(t.id, n - 1)
-      return
-    }
-    this.readers.delete(t.id)
-    recordHold(this.stats.read, t.clock - this.readSince.get(t.id)!)
-    this.readSince.delete(t.id)
+    this.readDepth[t.id] = n - 1
+    if (n > 1) return
+    this.readerThreads--
+    recordHold(this.stats.read, t.clock - this.readSince[t.id]!)
     if (t.clock > this.lastRelease) this.lastRelease = t.clock
-    if (this.readers.size === 0) this.grantWaiters()
+    if (this.readerThreads === 0) this.grantWaiters()
   }
 
   /** write_lock(): exclusive acquisition, FIFO behind earlier waiters. */
   *writeLock(): KernelOp {
-    const t = this.sched.requireCurrent(`write_lock(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`write_lock(${this.name})`)
     const mine = this.heldBy(t)
     if (mine !== 'none') throw this.selfDeadlock(t, 'write_lock', mine)
     const start = t.clock
     let contended: boolean
-    if (this.writer === null && this.readers.size === 0 && this.queue.size === 0) {
+    if (this.writer === null && this.readerThreads === 0 && this.queue.size === 0) {
       contended = this.lastRelease > t.clock
       if (contended) t.clock = this.lastRelease
       this.grantWrite(t)
@@ -167,9 +182,9 @@ export class RwLock implements WaitTarget, HeldResource {
 
   /** write_trylock(). */
   tryWriteLock(): boolean {
-    const t = this.sched.requireCurrent(`write_trylock(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`write_trylock(${this.name})`)
     this.sched.charge(this.sched.costs.lockAcquire)
-    if (this.writer !== null || this.readers.size > 0 || this.queue.size > 0) return false
+    if (this.writer !== null || this.readerThreads > 0 || this.queue.size > 0) return false
     const contended = this.lastRelease > t.clock
     if (contended) t.clock = this.lastRelease
     this.grantWrite(t)
@@ -179,7 +194,7 @@ export class RwLock implements WaitTarget, HeldResource {
 
   /** write_unlock(). Throws `LOCK_NOT_HELD` if the current thread is not the writer. */
   writeUnlock(): void {
-    const t = this.sched.requireCurrent(`write_unlock(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`write_unlock(${this.name})`)
     if (this.writer !== t) throw this.notHeld(t, 'write_unlock', 'write')
     this.sched.charge(this.sched.costs.lockRelease)
     removeHeld(t, this)
@@ -229,7 +244,7 @@ export class RwLock implements WaitTarget, HeldResource {
    * Throws `LOCK_NOT_HELD` naming the lock, the thread and what it holds.
    */
   assertHeld(mode: AssertMode): void {
-    const t = this.sched.requireCurrent(`assertHeld(${this.name})`)
+    const t = this.sched.current ?? this.sched.requireCurrent(`assertHeld(${this.name})`)
     const held = this.heldBy(t)
     if (mode === 'any' ? held === 'none' : held !== mode) throw this.notHeld(t, assertName(mode), mode)
   }
@@ -237,18 +252,21 @@ export class RwLock implements WaitTarget, HeldResource {
   describeWait(): string {
     let state: string
     if (this.writer !== null) state = `write held by ${this.writer.label}`
-    else if (this.readers.size > 0) {
+    else if (this.readerThreads > 0) {
       const names: string[] = []
-      for (const t of this.sched.allThreads) if (this.readers.has(t.id)) names.push(t.label)
+      for (const t of this.sched.allThreads) if ((this.readDepth[t.id] ?? 0) > 0) names.push(t.label)
       state = `read held by ${names.join(', ')}`
     } else state = 'unlocked'
     return `rwlock "${this.name}" (${state}; queue: ${this.queue.describe(tagName)})`
   }
 
   private grantRead(t: Thread): void {
-    const n = this.readers.get(t.id) ?? 0
-    if (n === 0) this.readSince.set(t.id, t.clock)
-    this.readers.set(t.id, n + 1)
+    const n = this.readDepth[t.id] ?? 0
+    if (n === 0) {
+      this.readSince[t.id] = t.clock
+      this.readerThreads++
+    }
+    this.readDepth[t.id] = n + 1
     t.held.push(this)
   }
 
@@ -262,7 +280,7 @@ export class RwLock implements WaitTarget, HeldResource {
   private grantWaiters(): void {
     while (this.queue.size > 0) {
       if (this.queue.peekTag() === WRITE) {
-        if (this.writer === null && this.readers.size === 0) {
+        if (this.writer === null && this.readerThreads === 0) {
           const w = this.queue.shift()
           this.sched.wake(w, this.lastRelease)
           this.grantWrite(w)

@@ -55,7 +55,12 @@ export interface HeldResource {
 /** Remove the innermost entry for `r` from the thread's held stack (used by unlock paths). */
 export function removeHeld(t: Thread, r: HeldResource): void {
   const h = t.held
-  for (let i = h.length - 1; i >= 0; i--) {
+  // Usually the innermost entry: pop it instead of a splice.
+  if (h.length > 0 && h[h.length - 1] === r) {
+    h.pop()
+    return
+  }
+  for (let i = h.length - 2; i >= 0; i--) {
     if (h[i] === r) {
       h.splice(i, 1)
       return
