@@ -180,6 +180,12 @@ export class GuestOs {
   /** First address above user space. */
   readonly userTop: number
   readonly cpus: Cpu[] = []
+  /**
+   * Every frame that has held a page table during this run (kept after it is freed: its stale
+   * entries stay in memory). The differential oracle compares A/D bits in these frames modulo
+   * the architecture's freedom (a stale TLB or SPTE may serve an access without setting A).
+   */
+  readonly pageTableFrames = new Set<number>()
   readonly stats: OsStats = zeroStats()
   readonly sigsegvs: SigsegvRecord[] = []
   /** Physical address of the kernel's top-level table (Linux `swapper_pg_dir`, init_mm.pgd). */
@@ -227,6 +233,7 @@ export class GuestOs {
     this.swapNext = Array.from({ length: n }, (_, i) => i + 1)
     this.zeroPagePa = this.bootAlloc()
     this.kernelPgd = this.bootAlloc()
+    this.pageTableFrames.add(this.kernelPgd / PAGE_4K)
     this.planKernelTables()
     this.frames = new FramePools(this.memBytes / PAGE_4K, this.bootNext, n)
     platform.idt[VECTOR_TLB_SHOOTDOWN] = (cpu) => shootdownHandler(this.cpus[cpu]!)
@@ -268,6 +275,7 @@ export class GuestOs {
         let next = tables.get(key)
         if (next === undefined) {
           next = this.bootAlloc()
+          this.pageTableFrames.add(next / PAGE_4K)
           tables.set(key, next)
           this.bootWrites.push({ pa: table + ptIndex(va, l) * 8, lo: entryLo(next, KERNPG_TABLE_LO), hi: 0 })
         }
@@ -343,6 +351,7 @@ export class GuestOs {
   *allocTablePage(cpu: Cpu): Routine<number> {
     const pa = yield* this.allocZeroedPage(cpu)
     this.stats.ptPagesAllocated++
+    this.pageTableFrames.add(pa / PAGE_4K)
     return pa
   }
 

@@ -211,17 +211,20 @@ export function createCli(io: CliIo, setExit: (code: number) => void): CommandDe
   })
 
   const fz = defineCommand({
-    meta: { name: 'fuzz', description: 'Generate guest programs (map, unmap, mprotect, fork/CoW, CR3 switches, INVLPG, A-bit clearing, accesses; 1–2 vCPUs) and chaos schedules with fast-check, run them on every strategy against bare metal, shrink a failure to a minimal program and print it as a regression test' },
+    meta: { name: 'fuzz', description: 'Generate guest programs (map, unmap, mprotect, fork/CoW, CR3 switches, INVLPG, A-bit clearing, accesses; per-process programs on 1–2 vCPUs, and lockstep steps of 2–4 vCPUs sharing one mm, with TLB shootdowns) and chaos schedules with fast-check, run them on every strategy against bare metal, shrink a failure to a minimal program and print it as a regression test' },
     args: {
       strategies: { type: 'string', description: 'comma-separated strategies to fuzz (default: the available built-ins)' },
       runs: { type: 'string', default: '50', description: 'programs to generate' },
       seed: { type: 'string', default: '1', description: 'fast-check seed (the same seed generates the same programs)' },
-      'max-commands': { type: 'string', default: '24', description: 'longest program, in commands' },
+      'max-commands': { type: 'string', default: '24', description: 'longest program, in commands (shared mode: most lockstep steps)' },
+      mode: { type: 'string', default: 'mixed', description: "which cases: 'processes' (each vCPU its own process), 'shared' (threads of one mm, one vCPU acts per lockstep step, the others touch before and after: remote TLB shootdowns) or 'mixed' (both)" },
       json: outputArgs.json,
     },
     async run({ args }) {
       const specs = typeof args.strategies === 'string' ? args.strategies.split(',').map((s) => s.trim()) : Object.keys(BUILTIN_STRATEGIES)
-      const report = await fuzz({ strategies: specs, from: io.cwd, numRuns: int(args.runs, 'runs') ?? 50, seed: int(args.seed, 'seed') ?? 1, maxCommands: int(args['max-commands'], 'max-commands') ?? 24, log: (s) => { io.err(`${s}\n`); } })
+      const mode = args.mode
+      if (mode !== 'processes' && mode !== 'shared' && mode !== 'mixed') throw new HarnessError('CLI_ARGS', `--mode: expected 'processes', 'shared' or 'mixed', got '${mode}'`)
+      const report = await fuzz({ strategies: specs, from: io.cwd, numRuns: int(args.runs, 'runs') ?? 50, seed: int(args.seed, 'seed') ?? 1, maxCommands: int(args['max-commands'], 'max-commands') ?? 24, mode, log: (s) => { io.err(`${s}\n`); } })
       io.out(args.json === true ? `${JSON.stringify(report, null, 2)}\n` : `${renderFuzzReport(report)}\n`)
       if (report.failures.length > 0) setExit(1)
     },

@@ -1,7 +1,7 @@
 import path from 'node:path'
 import fc from 'fast-check'
 import { describe, expect, it } from 'vitest'
-import { caseArb, fuzz, runFuzzCase } from './fuzz.ts'
+import { caseArb, caseLiteral, caseSize, fuzz, runFuzzCase } from './fuzz.ts'
 import { loadStrategy } from './loader.ts'
 
 const fixtures = path.join(import.meta.dirname, '__fixtures__')
@@ -23,11 +23,10 @@ describe('mmusim fuzz', () => {
     expect(report.failures).toHaveLength(1)
     const f = report.failures[0]!
     expect(f.strategy).toBe('broken-wrong-page')
-    const commands = f.case.programs.reduce((n, p) => n + p.length, 0)
-    expect(commands).toBeLessThanOrEqual(6)
+    expect(caseSize(f.case)).toBeLessThanOrEqual(6)
     expect(f.regressionTest).toContain("import { loadStrategy, runFuzzCase } from '@mmusim/harness'")
     expect(f.regressionTest).toContain('const strategy = await loadStrategy(["./broken-strategy.ts", {"wrongPageAfter":20}], { from: import.meta.dirname })')
-    expect(f.regressionTest).toContain(`runFuzzCase(strategy, ${JSON.stringify(f.case)})`)
+    expect(f.regressionTest).toContain(`runFuzzCase(strategy, ${caseLiteral(f.case)})`)
     // The printed case reproduces the failure.
     const again = await runFuzzCase(await loadStrategy(['./broken-strategy.ts', { wrongPageAfter: 20 }], { from: fixtures }), f.case)
     expect(again.oracle?.ok).toBe(false)
