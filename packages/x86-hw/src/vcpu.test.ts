@@ -195,4 +195,31 @@ describe('control-register and instruction checks', () => {
     expect(op.batch.values[1]).toBe(0) // the word after the written one
     expect(mem.read32(mem.read32(pte1) & ~0xfff)).toBe(0x55)
   })
+
+  it('a batch counts exactly what the same accesses one by one would (same-page repeats included)', () => {
+    const one = setup()
+    const many = setup()
+    const addrs = new Float64Array(64)
+    const kinds = new Uint8Array(64)
+    for (let i = 0; i < 64; i++) {
+      addrs[i] = VA + ((i * 4) % 4096)
+      kinds[i] = i % 3 === 0 ? 1 : 0
+    }
+    const op = new GuestOp()
+    op.kind = OP_BATCH
+    op.batch = { addrs, kinds, values: new Uint32Array(64).fill(7) }
+    op.batchStart = 0
+    op.batchEnd = 64
+    expect(many.cpu.execute(op)).toBe(EXEC_OK)
+    for (let i = 0; i < 64; i++) {
+      const single = new GuestOp()
+      single.kind = kinds[i] === 1 ? 1 : 0
+      single.addr = addrs[i]!
+      single.lo = 7
+      expect(one.cpu.execute(single)).toBe(EXEC_OK)
+    }
+    expect(Array.from(many.cpu.counters)).toEqual(Array.from(one.cpu.counters))
+    expect(many.cpu.counters[C_TLB_HIT_4K]).toBe(63)
+  })
 })
+

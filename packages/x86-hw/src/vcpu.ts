@@ -182,6 +182,8 @@ export class Vcpu {
   nested: NestedTranslator | null = null
   /** Levels of the shadow table in shadow mode. */
   shadowLevels: 4 | 5 = 4
+  /** Counter index of the last access's TLB hit (by page size), or -1 when it walked or failed. */
+  lastHitCounter = -1
   /** The paging context hardware walks with (guest ctx, or hwCtx in shadow mode). */
   private walkCtx: PagingContext
 
@@ -297,6 +299,7 @@ export class Vcpu {
   access(la: number, kind: AccessKind, implicit: boolean): ExecStatus {
     const c = this.counters
     c[C_ACCESSES]!++
+    this.lastHitCounter = -1
     const ctx = this.walkCtx
     if (ctx.mode === PAGING_NONE) return this.walkAndFill(la, kind, implicit)
     const tlb = this.tlb
@@ -326,7 +329,9 @@ export class Vcpu {
     res.gpa = tlb.gpaBase[i]! + off
     res.memRefs = 0
     res.adWrites = 0
-    c[C_TLB_HIT_4K - 1 + tlb.level[i]!]!++ // C_TLB_HIT_4K, _2M, _1G are consecutive, by level
+    const ctr = C_TLB_HIT_4K - 1 + tlb.level[i]! // C_TLB_HIT_4K, _2M, _1G are consecutive, by level
+    c[ctr]!++
+    this.lastHitCounter = ctr
     return EXEC_OK
   }
 
@@ -418,14 +423,45 @@ export class Vcpu {
     const end = op.batchEnd
     const mem = this.mem
     const c = this.counters
+    const res = this.res
+    // A repeat of the last TLB hit (same 4 KiB page, same kind) hits the same entry with the same
+    // rights decision: nothing in a batch changes the TLB or the control state between two hits
+    // (hits do not touch replacement state), so it is counted as a hit without the lookup. This
+    // is what makes page-sized loops (a guest clearing a page) cheap; counters stay exact.
+    let hitVpn = Number.NaN
+    let hitKind = -1
+    let hitPa = 0
+    let hitGpa = 0
+    let hitCtr = 0
     for (let i = op.batchStart; i < end; i++) {
       const kind = kinds[i]! as AccessKind
-      const st = this.access(addrs[i]!, kind, false)
-      if (st !== EXEC_OK) {
-        op.index = i
-        return this.finishFault(op, st)
+      const la = addrs[i]!
+      const vpn = Math.floor(la * (1 / 4096)) // exact: a power-of-two scaling of a safe integer
+      let pa: number
+      if (vpn === hitVpn && kind === hitKind) {
+        const off = la & 0xfff
+        pa = hitPa + off
+        res.pa = pa
+        res.gpa = hitGpa + off
+        res.memRefs = 0
+        res.adWrites = 0
+        c[C_ACCESSES]!++
+        c[hitCtr]!++
+      } else {
+        const st = this.access(la, kind, false)
+        if (st !== EXEC_OK) {
+          op.index = i
+          return this.finishFault(op, st)
+        }
+        pa = res.pa
+        if (this.lastHitCounter >= 0) {
+          hitVpn = vpn
+          hitKind = kind
+          hitPa = pa - (la & 0xfff)
+          hitGpa = res.gpa - (la & 0xfff)
+          hitCtr = this.lastHitCounter
+        } else hitVpn = Number.NaN
       }
-      const pa = this.res.pa
       if (kind === ACC_WRITE) {
         mem.write32(pa, values[i]!)
         c[C_WRITES]!++
