@@ -86,6 +86,7 @@ import { cost, type KernelOp, type Thread, WaitQueue } from './sched/index.ts'
 import { VcpuStats } from './stats.ts'
 import {
   type PageFault,
+  type RetPf,
   PFERR_GUEST_FINAL,
   PFERR_GUEST_PAGE,
   RET_PF_EMULATE,
@@ -225,11 +226,16 @@ export class KvmVcpu {
       }
       yield cost(ns + costs.vmExitRoundTrip)
       this.stats.exits++
-      // Page-fault exits straight to their handler: one generator layer less on every yield of the fault.
+      // Page-fault exits are handled inline (handlePageFaultExit's body): the MMU's generator is
+      // then the only one between this loop and the fault's yields, and none is created for the handler.
       const reason = hw.exit.reason
-      const done = reason === EXIT_EPT_VIOLATION || reason === EXIT_PF || reason === EXIT_NPF || reason === EXIT_EPT_MISCONFIG
-        ? yield* this.handlePageFaultExit(op)
-        : yield* this.handleExit(op)
+      let done: boolean
+      if (reason === EXIT_EPT_VIOLATION || reason === EXIT_PF || reason === EXIT_NPF || reason === EXIT_EPT_MISCONFIG) {
+        const r = yield* vm.mmu.pageFault(this, this.pageFaultFromExit())
+        done = this.pageFaultNeedsEmulation(r) ? yield* this.emulateAccess(op) : false
+      } else {
+        done = yield* this.handleExit(op)
+      }
       if (this.injectedPf) {
         this.injectedPf = false
         op.status = RES_PF
@@ -353,8 +359,14 @@ export class KvmVcpu {
     }
   }
 
-  /** kvm_mmu_page_fault(): build the fault, call the MMU, act on RET_PF_*. */
+  /** kvm_mmu_page_fault(): build the fault, call the MMU, act on RET_PF_* (inlined in {@link run}). */
   private *handlePageFaultExit(op: GuestOp): KernelOp<boolean> {
+    const r = yield* this.vm.mmu.pageFault(this, this.pageFaultFromExit())
+    return this.pageFaultNeedsEmulation(r) ? yield* this.emulateAccess(op) : false
+  }
+
+  /** kvm_mmu_page_fault()'s first part: count the exit and build the fault from it. */
+  private pageFaultFromExit(): PageFault {
     const e = this.hw.exit
     const f = this.fault
     const s = this.stats
@@ -377,7 +389,15 @@ export class KvmVcpu {
       f.errorCode = e.reason === EXIT_EPT_MISCONFIG ? PFERR_P | 8 : eptQualToPferr(e.qual)
     }
     s.pf_taken++
-    const r = yield* this.vm.mmu.pageFault(this, f)
+    return f
+  }
+
+  /**
+   * kvm_mmu_page_fault()'s second part: count the MMU's RET_PF_*. True when the access must be
+   * emulated (the caller then runs emulateAccess); false: re-execute the op.
+   */
+  private pageFaultNeedsEmulation(r: RetPf): boolean {
+    const s = this.stats
     switch (r) {
       case RET_PF_FIXED:
         s.pf_fixed++
@@ -392,7 +412,7 @@ export class KvmVcpu {
       case RET_PF_WRITE_PROTECTED:
         s.pf_emulate++
         s.insn_emulation++
-        return yield* this.emulateAccess(op)
+        return true
       default:
         throw new KvmError('EIO', `vCPU ${String(this.id)}: the MMU returned ${String(r)} from pageFault; expected RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_RETRY, RET_PF_EMULATE or RET_PF_WRITE_PROTECTED`)
     }

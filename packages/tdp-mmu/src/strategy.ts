@@ -8,23 +8,19 @@ import {
   type KernelOp,
   KVM_MEM_LOG_DIRTY_PAGES,
   KVM_MEM_READONLY,
-  type KvmVcpu,
   type Memslot,
   type MemslotChange,
   type MmuInstance,
   mmioGenerationWrapped,
   type PageFault,
-  PFERR_P,
-  PFERR_RSVD,
-  PFERR_W,
-  PFERR_I,
-  RET_PF_INVALID,
   type RetPf,
   type Vm,
 } from './deps.ts'
 import { auditTdpMmu } from './audit.ts'
 import { tdpOptionsSchema, type TdpMmuOptions } from './options.ts'
-import { drain, TdpMmu, TdpVcpuState } from './tdp-mmu.ts'
+import { drain, TdpMmu, TdpVcpuState, tdpVcpuState } from './tdp-mmu.ts'
+
+export { tdpVcpuState }
 
 const mmus = new WeakMap<Vm, TdpMmu>()
 
@@ -33,13 +29,6 @@ export function getTdpMmu(vm: Vm): TdpMmu {
   const m = mmus.get(vm)
   if (m === undefined) throw new Error('this VM does not use the tdp strategy')
   return m
-}
-
-/** The TDP MMU state of a vCPU. */
-export function tdpVcpuState(vcpu: KvmVcpu): TdpVcpuState {
-  const st = vcpu.mmuState
-  if (!(st instanceof TdpVcpuState)) throw new Error(`vCPU ${String(vcpu.id)} has no TDP MMU state`)
-  return st
 }
 
 /** Create the MmuInstance of `vm`. */
@@ -69,24 +58,11 @@ function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
     *unload(vcpu) {
       yield* mmu.kvmMmuFreeRoots(tdpVcpuState(vcpu), true, 7, false)
     },
-    /** kvm_mmu_page_fault() → kvm_tdp_page_fault(). */
-    *pageFault(vcpu, pf: PageFault): KernelOp<RetPf> {
-      const st = tdpVcpuState(vcpu)
-      const f = st.fault
-      const ec = pf.errorCode % 2 ** 32
-      f.gfn = Math.floor(pf.addr / 4096)
-      f.write = (ec & PFERR_W) !== 0
-      f.exec = (ec & PFERR_I) !== 0
-      f.present = (ec & PFERR_P) !== 0
-      f.rsvd = (ec & PFERR_RSVD) !== 0
-      f.prefetch = false
-      if (st.root === null) return 1 // RET_PF_RETRY: WARN and retry (kvm_mmu_page_fault)
-      if (f.rsvd) {
-        const r = mmu.handleMmioPageFault(vcpu, st, f.gfn)
-        if (r !== RET_PF_INVALID) return r
-      }
-      return yield* mmu.kvmTdpPageFault(vcpu, st, f)
-    },
+    /**
+     * kvm_mmu_page_fault() → kvm_tdp_page_fault(): the TDP MMU's own generator, not a wrapper
+     * around it (one generator less on every yield of the hottest path).
+     */
+    pageFault: (vcpu, pf: PageFault): KernelOp<RetPf> => mmu.kvmMmuPageFault(vcpu, tdpVcpuState(vcpu), pf),
     /** kvm_mmu_reset_context() → kvm_mmu_unload(). */
     *resetContext(vcpu) {
       yield* mmu.kvmMmuFreeRoots(tdpVcpuState(vcpu), true, 7, false)

@@ -8,14 +8,20 @@ import { isLastSpte, isShadowPresentPte, spteToPfn } from '@mmusim/kvm'
 import type { PhysMem } from '@mmusim/x86-hw'
 import { type KvmMmuPage, PAGES_PER_LEVEL } from './mmu-page.ts'
 
+// gfns exceed 2^31, so these cannot use bit operations, and V8 compiles `%` on such numbers to a
+// C call (fmod). For gfn ≥ 0 the divisions by powers of two below are exact and give the same
+// results as the remainders; the `%` forms remain for any other input.
+
 /** `round_gfn_for_level(gfn, level)`. */
 export function roundGfnForLevel(gfn: number, level: number): number {
-  return gfn - (gfn % PAGES_PER_LEVEL[level]!)
+  const n = PAGES_PER_LEVEL[level]!
+  return gfn >= 0 ? Math.floor(gfn / n) * n : gfn - (gfn % n)
 }
 
 /** `SPTE_INDEX(gfn << PAGE_SHIFT, level)`. */
 export function spteIndex(gfn: number, level: number): number {
-  return Math.floor(gfn / PAGES_PER_LEVEL[level]!) % 512
+  const q = Math.floor(gfn / PAGES_PER_LEVEL[level]!)
+  return q >= 0 ? q - Math.floor(q / 512) * 512 : q % 512
 }
 
 /** `struct tdp_iter`. */

@@ -32,10 +32,12 @@ import {
   makeNonLeafSpte,
   makeSmallSpte,
   makeSpte,
+  type MakeSpteParams,
   makeSpteFormat,
   markSpteForAccessTrack,
   type Memslot,
   newSpte64,
+  type PageFault,
   PREEMPT,
   Refcount,
   restoreAccTrackSpte,
@@ -59,10 +61,10 @@ import {
   KVM_MEM_READONLY,
   isExecutablePte,
 } from '@mmusim/kvm'
-import { EptTranslator, MmusimError, NptTranslator, type PhysMem } from '@mmusim/x86-hw'
+import { EptTranslator, MmusimError, NptTranslator, PFERR_I, PFERR_P, PFERR_RSVD, PFERR_W, type PhysMem } from '@mmusim/x86-hw'
 import { KvmMmuPage, makeRoleWord, PAGES_PER_LEVEL, ROLE_AD_DISABLED } from './mmu-page.ts'
 import type { TdpMmuOptions } from './options.ts'
-import { TdpIter } from './tdp-iter.ts'
+import { roundGfnForLevel, TdpIter } from './tdp-iter.ts'
 
 // ---- page-fault return codes (mirrors @mmusim/kvm's RET_PF_*, typed as literals) ----
 const RET_PF_RETRY = 1
@@ -71,6 +73,9 @@ const RET_PF_INVALID = 4
 const RET_PF_FIXED = 5
 const RET_PF_SPURIOUS = 6
 type RetPf = 0 | 1 | 2 | 3 | 4 | 5 | 6
+
+/** {@link TdpMmu.commitAtomicWrite}'s result when the cmpxchg lost a race. */
+const CMPXCHG_FAILED = false
 
 const NP_LO = 0
 const NP_HI = SHADOW_NONPRESENT_VALUE_HI
@@ -130,6 +135,13 @@ export class TdpVcpuState {
     this.iter = new TdpIter(mem)
     this.owner = `vcpu${String(id)}`
   }
+}
+
+/** The TDP MMU state of a vCPU. */
+export function tdpVcpuState(vcpu: KvmVcpu): TdpVcpuState {
+  const st = vcpu.mmuState
+  if (!(st instanceof TdpVcpuState)) throw new Error(`vCPU ${String(vcpu.id)} has no TDP MMU state`)
+  return st
 }
 
 /** Counters of the strategy (`stats()`): events, not gauges KVM already has in `vm.stats`. */
@@ -193,6 +205,8 @@ export class TdpMmu {
   /** Per thread id: the same for disconnected tables (F2). */
   private readonly owedTableFlush: number[] = []
   private readonly tmp = newSpte64()
+  /** Scratch parameters of {@link makeSpte} (filled completely before every use). */
+  private readonly spteParams: MakeSpteParams
   /** Value returned by the last {@link writeSpte} (the SPTE actually replaced). */
   private wLo = 0
   private wHi = 0
@@ -212,6 +226,7 @@ export class TdpMmu {
         ? makeSpteFormat('ept', { adEnabled: opts.adEnabled, execOnly: f.eptExecOnly, maxPhyAddr: f.maxPhyAddr })
         : makeSpteFormat('x86', { maxPhyAddr: f.maxPhyAddr })
     this.adDisabled = !this.fmt.adEnabled
+    this.spteParams = { hpa: 0, level: 1, writable: false, user: true, exec: false, accessed: false, dirty: false, hostWritable: false, mmuWritable: false, adEnabled: this.fmt.adEnabled }
     this.rootLevel = opts.levels
     this.maxHugeLevel = opts.format === 'ept' ? (f.ept1G ? 3 : f.ept2M ? 2 : 1) : f.gbPages ? 3 : 2
     this.maxGfn = 2 ** (f.maxPhyAddr - 12)
@@ -627,23 +642,41 @@ export class TdpMmu {
   /**
    * tdp_mmu_set_spte_atomic(): one cmpxchg from iter.old_spte to `new` under mmu_lock held for
    * read. On failure iter.old_spte holds the current value and nothing else happened (-EBUSY).
+   * The hot fault path inlines this sequence (check, yield, commit) in its own frame; keep the two
+   * in step.
    */
   *tdpMmuSetSpteAtomic(iter: TdpIter, newLo: number, newHi: number, flushable: boolean): KernelOp<boolean> {
+    this.checkAtomicWrite(iter)
+    // The cmpxchg's cost, and the window in which other CPUs may change the SPTE under our feet.
+    yield this.sched.costs.spteCmpxchg
+    const r = this.commitAtomicWrite(iter, newLo, newHi, flushable)
+    if (r === CMPXCHG_FAILED) return false
+    // handle_changed_spte()'s generator part only when a table was removed (rare).
+    if (r !== null) yield* this.handleRemovedPt(r, true, flushable)
+    return true
+  }
+
+  /** tdp_mmu_set_spte_atomic()'s checks, made before its cmpxchg window opens. */
+  private checkAtomicWrite(iter: TdpIter): void {
     this.vm.mmuLock.assertHeld('read')
     if (iter.yielded) this.bug('SPTE write with a yielded iterator')
     if (isFrozenSpte(iter.oldLo, iter.oldHi)) this.bug('cmpxchg from a FROZEN SPTE')
-    yield this.sched.costs.spteCmpxchg
+  }
+
+  /**
+   * tdp_mmu_set_spte_atomic() after its cmpxchg window: the cmpxchg itself and the non-yielding
+   * part of handle_changed_spte(). Returns {@link CMPXCHG_FAILED} (iter.old_spte refreshed), or
+   * the table the change disconnected (the caller must run handle_removed_pt() on it), or null.
+   */
+  private commitAtomicWrite(iter: TdpIter, newLo: number, newHi: number, flushable: boolean): KvmMmuPage | null | typeof CMPXCHG_FAILED {
     const oldLo = iter.oldLo
     const oldHi = iter.oldHi
     if (!this.mem.cmpxchg64(iter.sptep, oldLo, oldHi, newLo >>> 0, newHi >>> 0)) {
       iter.read()
       this.counters.atomic_retries++
-      return false
+      return CMPXCHG_FAILED
     }
-    // handle_changed_spte() with its generator part only when a table was removed (rare).
-    const removed = this.changedSpteBookkeeping(iter.asId, iter.gfn, oldLo, oldHi, newLo >>> 0, newHi >>> 0, iter.level, flushable)
-    if (removed !== null) yield* this.handleRemovedPt(removed, true, flushable)
-    return true
+    return this.changedSpteBookkeeping(iter.asId, iter.gfn, oldLo, oldHi, newLo >>> 0, newHi >>> 0, iter.level, flushable)
   }
 
   /** tdp_mmu_iter_set_spte(): a write-lock update; iter.old_spte becomes the value replaced. */
@@ -780,9 +813,14 @@ export class TdpMmu {
     this.vm.stats.nx_lpage_splits--
   }
 
-  /** tdp_mmu_link_sp(): install a non-leaf SPTE pointing at `sp` and account it. */
+  /** make_nonleaf_spte() for a link to `sp`, in `this.tmp`. */
+  private nonLeafSpteFor(sp: KvmMmuPage): { lo: number; hi: number } {
+    return makeNonLeafSpte(this.tmp, this.fmt, sp.hpa, (sp.role & ROLE_AD_DISABLED) !== 0)
+  }
+
+  /** tdp_mmu_link_sp(): install a non-leaf SPTE pointing at `sp` and account it (inlined in {@link kvmMmuPageFault}). */
   private *tdpMmuLinkSp(iter: TdpIter, sp: KvmMmuPage, shared: boolean): KernelOp<boolean> {
-    const t = makeNonLeafSpte(this.tmp, this.fmt, sp.hpa, (sp.role & ROLE_AD_DISABLED) !== 0)
+    const t = this.nonLeafSpteFor(sp)
     const lo = t.lo
     const hi = t.hi
     if (shared) {
@@ -1058,79 +1096,113 @@ export class TdpMmu {
   }
 
   /**
-   * kvm_tdp_page_fault() → kvm_tdp_mmu_page_fault(): fast page fault, resolve the pfn with the
-   * notifier sequence snapshotted first, then map under mmu_lock held for read unless stale.
+   * kvm_mmu_page_fault() → kvm_tdp_page_fault() → kvm_tdp_mmu_page_fault() → kvm_tdp_mmu_map() →
+   * tdp_mmu_map_handle_target_level(), with tdp_mmu_link_sp() and tdp_mmu_set_spte_atomic()
+   * inlined: one generator for the whole common fault. Every `yield*` level would be resumed on
+   * each of the fault's yields and costs an allocation per call, and a fault is the simulator's
+   * hottest path. The yields (their costs, order and the windows they open for other threads)
+   * are exactly those of the nested functions; the rare paths (fast page fault, contended
+   * mmu_lock, huge-page split, NX tracking, removed tables) still delegate.
    */
-  *kvmTdpPageFault(vcpu: KvmVcpu, st: TdpVcpuState, f: TdpFault): KernelOp<RetPf> {
+  *kvmMmuPageFault(vcpu: KvmVcpu, st: TdpVcpuState, pf: PageFault): KernelOp<RetPf> {
+    // Decoded when the operation starts running, not when it is created.
+    const f = st.fault
+    // Only bits of the low half are tested, and `&` already takes its operand modulo 2^32 (a
+    // `% 2 ** 32` here would be a floating-point remainder, a C call in V8).
+    const ec = pf.errorCode
+    f.gfn = Math.floor(pf.addr / 4096)
+    f.write = (ec & PFERR_W) !== 0
+    f.exec = (ec & PFERR_I) !== 0
+    f.present = (ec & PFERR_P) !== 0
+    f.rsvd = (ec & PFERR_RSVD) !== 0
+    f.prefetch = false
+    if (st.root === null) return RET_PF_RETRY // WARN and retry (kvm_mmu_page_fault)
+    if (f.rsvd) {
+      const r = this.handleMmioPageFault(vcpu, st, f.gfn)
+      if (r !== RET_PF_INVALID) return r
+    }
+
+    // ---- kvm_tdp_page_fault()
     // page_fault_can_be_fast() first, so the common not-present fault creates no generator for it.
     if (this.opts.fastPageFault && this.pageFaultCanBeFast(st, f)) {
       const r = yield* this.fastPageFault(vcpu, st, f)
       if (r !== RET_PF_INVALID) return r
     }
     const vm = this.vm
-    // kvm_mmu_faultin_pfn(): snapshot mmu_invalidate_seq before resolving the pfn.
-    f.mmuSeq = vm.notifierState.seq
-    const slot = vm.memslots.gfnToMemslot(vcpu.asId, f.gfn, vcpu.memslotCache)
-    f.maxLevel = this.maxHugeLevel
-    if (slot !== null && (slot.flags & KVM_MEMSLOT_INVALID) !== 0) return RET_PF_RETRY
-    f.slot = slot
-    if (slot === null) {
-      f.pfn = -1
-      f.hostWritable = false
-      f.hostLevel = 1
-    } else {
-      if (f.write && (slot.flags & KVM_MEM_READONLY) !== 0) {
-        throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: guest write to gfn 0x${f.gfn.toString(16)} of read-only memslot ${String(slot.id)} (an MMIO exit to userspace; not modelled)`)
-      }
-      const host = vm.host
-      const pfn = host.resolvePfn(gfnToHvaMemslot(slot, f.gfn), f.write)
-      if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: hva_to_pfn failed for gfn 0x${f.gfn.toString(16)} (${host.outReason}): KVM returns -EFAULT to userspace`)
-      f.pfn = pfn
-      f.hostWritable = host.outWritable && (slot.flags & KVM_MEM_READONLY) === 0
-      f.hostLevel = host.outLevel
-    }
+    const costs = this.sched.costs
+    if (!this.kvmMmuFaultinPfn(vcpu, f)) return RET_PF_RETRY
+    const slot = f.slot
     // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so invalidations
     // can run between the sequence snapshot and mmu_lock (S21).
-    yield this.sched.costs.dramRef * 2
+    yield costs.dramRef * 2
     if (slot !== null && !this.hz.skipInvalidationRetry && vm.notifierState.retryGfnUnsafe(f.mmuSeq, f.gfn)) return RET_PF_RETRY
     const lock = vm.mmuLock
     const acquireNs = lock.readLockFast() // read_lock() without a generator when uncontended
     if (acquireNs >= 0) yield acquireNs
     else yield* lock.readLock()
     // The fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap it.
-    yield this.sched.costs.mmuFaultWork
-    let r: RetPf = RET_PF_RETRY
-    if (!this.isPageFaultStale(st, f)) r = yield* this.kvmTdpMmuMap(vcpu, st, f)
-    this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
-    return r
-  }
+    yield costs.mmuFaultWork
+    let ret: RetPf = RET_PF_RETRY
+    if (this.isPageFaultStale(st, f)) {
+      this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
+      return ret
+    }
 
-  /** is_page_fault_stale(): obsolete root, or a racing invalidation (§6.3, S20/S21). */
-  private isPageFaultStale(st: TdpVcpuState, f: TdpFault): boolean {
-    if (st.root === null || st.root.invalid) return true
-    return f.slot !== null && !this.hz.skipInvalidationRetry && this.vm.notifierState.retryGfn(f.mmuSeq, f.gfn)
-  }
-
-  /** kvm_tdp_mmu_map(): walk from the root, link/split on the way, install the target SPTE. */
-  private *kvmTdpMmuMap(vcpu: KvmVcpu, st: TdpVcpuState, f: TdpFault): KernelOp<RetPf> {
-    const root = st.root!
+    // ---- kvm_tdp_mmu_map(): walk from the root, link/split on the way, install the target SPTE.
+    const root = st.root // not null: isPageFaultStale() just checked
     this.kvmMmuHugepageAdjust(f)
     const nx = this.opts.nxHugePages
-    this.vm.rcu.readLock()
-    let ret: RetPf = RET_PF_RETRY
+    vm.rcu.readLock()
     const iter = st.iter
     for (iter.start(root, 1, f.gfn); iter.valid && iter.gfn < f.gfn + 1; iter.next()) {
       if (nx) this.disallowedHugepageAdjust(f, iter.oldLo, iter.oldHi, iter.level)
       if (isFrozenSpte(iter.oldLo, iter.oldHi)) break
       if (iter.level === f.goalLevel) {
-        ret = yield* this.mapHandleTargetLevel(vcpu, f, iter)
+        // ---- tdp_mmu_map_handle_target_level()
+        // What the function reads before its cmpxchg window is captured before it, as there.
+        const oLo = iter.oldLo
+        const replacesTable = isShadowPresentPte(oLo) && !isLastSpte(oLo, iter.level)
+        const targetSlot = f.slot
+        if (!this.makeTargetSpte(vcpu, f, iter)) {
+          ret = RET_PF_SPURIOUS
+          break
+        }
+        // Copied out of the shared scratch SPTE before the yield: other threads use it meanwhile.
+        const nLo = this.tmp.lo
+        const nHi = this.tmp.hi
+        let wrote = false
+        if (nLo !== oLo >>> 0 || nHi !== iter.oldHi >>> 0) {
+          // tdp_mmu_set_spte_atomic(), inlined
+          this.checkAtomicWrite(iter)
+          yield costs.spteCmpxchg
+          const removed = this.commitAtomicWrite(iter, nLo, nHi, true)
+          if (removed === CMPXCHG_FAILED) break // RET_PF_RETRY
+          if (removed !== null) yield* this.handleRemovedPt(removed, true, true)
+          wrote = true
+        }
+        ret = this.mapTargetLevelDone(vcpu, f, targetSlot, wrote, replacesTable, nLo)
         break
       }
       const present = isShadowPresentPte(iter.oldLo)
       if (present && !isLargePte(iter.oldLo)) continue
       const sp = this.allocChildSp(iter)
       sp.nxHugePageDisallowed = f.hugePageDisallowed
-      const ok = present ? yield* this.tdpMmuSplitHugePage(iter, sp, true) : yield* this.tdpMmuLinkSp(iter, sp, true)
+      let ok: boolean
+      if (present) ok = yield* this.tdpMmuSplitHugePage(iter, sp, true)
+      else {
+        // tdp_mmu_link_sp(shared) with tdp_mmu_set_spte_atomic(), inlined (see tdpMmuLinkSp).
+        const t = this.nonLeafSpteFor(sp)
+        const lo = t.lo
+        const hi = t.hi
+        this.checkAtomicWrite(iter)
+        yield costs.spteCmpxchg
+        const removed = this.commitAtomicWrite(iter, lo, hi, true)
+        ok = removed !== CMPXCHG_FAILED
+        if (removed !== CMPXCHG_FAILED) {
+          if (removed !== null) yield* this.handleRemovedPt(removed, true, true)
+          this.counters.tdp_mmu_pages++
+        }
+      }
       if (!ok) {
         // Never published: free at once.
         sp.nxHugePageDisallowed = false
@@ -1145,43 +1217,75 @@ export class TdpMmu {
       }
     }
     this.rcuUnlock('kvm_tdp_mmu_map')
+    this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
     return ret
   }
 
-  /** tdp_mmu_map_handle_target_level(). */
-  private *mapHandleTargetLevel(vcpu: KvmVcpu, f: TdpFault, iter: TdpIter): KernelOp<RetPf> {
-    const oLo = iter.oldLo
-    const oHi = iter.oldHi
-    const level = iter.level
-    const present = isShadowPresentPte(oLo)
-    if (present && isLastSpte(oLo, level) && (f.prefetch || this.isAccessAllowed(f, oLo, oHi))) return RET_PF_SPURIOUS
-    const t = this.tmp
-    const slot = f.slot
-    let mmio = false
+  /**
+   * kvm_mmu_faultin_pfn(): snapshot mmu_invalidate_seq, then resolve the memslot and the host pfn
+   * into the fault. False: the memslot is being deleted or moved (RET_PF_RETRY).
+   */
+  private kvmMmuFaultinPfn(vcpu: KvmVcpu, f: TdpFault): boolean {
+    const vm = this.vm
+    f.mmuSeq = vm.notifierState.seq
+    const slot = vm.memslots.gfnToMemslot(vcpu.asId, f.gfn, vcpu.memslotCache)
+    f.maxLevel = this.maxHugeLevel
+    if (slot !== null && (slot.flags & KVM_MEMSLOT_INVALID) !== 0) return false
+    f.slot = slot
     if (slot === null) {
-      const gen = this.vm.memslots.space(vcpu.asId).generation
-      makeMmioSpte(t, this.fmt, f.gfn, ACC_ALL, gen)
-      mmio = true
-    } else {
-      this.makeSpte(f, level)
+      f.pfn = -1
+      f.hostWritable = false
+      f.hostLevel = 1
+      return true
     }
-    const nLo = t.lo
-    const nHi = t.hi
-    let ret: RetPf = RET_PF_FIXED
-    if (nLo === oLo >>> 0 && nHi === oHi >>> 0) ret = RET_PF_SPURIOUS
-    else if (!(yield* this.tdpMmuSetSpteAtomic(iter, nLo, nHi, true))) return RET_PF_RETRY
-    else if (present && !isLastSpte(oLo, level)) {
-      // A table was replaced by a huge leaf (F3/F2): flush while still inside RCU.
-      this.flushRemoteTlbs()
+    if (f.write && (slot.flags & KVM_MEM_READONLY) !== 0) {
+      throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: guest write to gfn 0x${f.gfn.toString(16)} of read-only memslot ${String(slot.id)} (an MMIO exit to userspace; not modelled)`)
     }
-    if (ret === RET_PF_FIXED && slot !== null && isWritablePte(nLo) && kvmSlotDirtyTrackEnabled(slot)) {
+    const host = vm.host
+    const pfn = host.resolvePfn(gfnToHvaMemslot(slot, f.gfn), f.write)
+    if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: hva_to_pfn failed for gfn 0x${f.gfn.toString(16)} (${host.outReason}): KVM returns -EFAULT to userspace`)
+    f.pfn = pfn
+    f.hostWritable = host.outWritable && (slot.flags & KVM_MEM_READONLY) === 0
+    f.hostLevel = host.outLevel
+    return true
+  }
+
+  /** is_page_fault_stale(): obsolete root, or a racing invalidation (§6.3, S20/S21). */
+  private isPageFaultStale(st: TdpVcpuState, f: TdpFault): boolean {
+    if (st.root === null || st.root.invalid) return true
+    return f.slot !== null && !this.hz.skipInvalidationRetry && this.vm.notifierState.retryGfn(f.mmuSeq, f.gfn)
+  }
+
+  /**
+   * tdp_mmu_map_handle_target_level() up to its SPTE write: false if the present leaf already
+   * allows the access (RET_PF_SPURIOUS), else the new SPTE (MMIO if there is no memslot) is left
+   * in `this.tmp`.
+   */
+  private makeTargetSpte(vcpu: KvmVcpu, f: TdpFault, iter: TdpIter): boolean {
+    const oLo = iter.oldLo
+    const level = iter.level
+    if (isShadowPresentPte(oLo) && isLastSpte(oLo, level) && (f.prefetch || this.isAccessAllowed(f, oLo, iter.oldHi))) return false
+    if (f.slot === null) makeMmioSpte(this.tmp, this.fmt, f.gfn, ACC_ALL, this.vm.memslots.space(vcpu.asId).generation)
+    else this.makeSpte(f, level)
+    return true
+  }
+
+  /**
+   * tdp_mmu_map_handle_target_level() after its SPTE write. `slot`: the fault's memslot as read
+   * before the write (null: an MMIO SPTE); `wrote`: the cmpxchg installed `nLo` (false: the SPTE
+   * was already identical, RET_PF_SPURIOUS); `replacedTable`: the old SPTE was a table, now
+   * replaced by a huge leaf (F3/F2: flush while still inside RCU).
+   */
+  private mapTargetLevelDone(vcpu: KvmVcpu, f: TdpFault, slot: Memslot | null, wrote: boolean, replacedTable: boolean, nLo: number): RetPf {
+    if (wrote && replacedTable) this.flushRemoteTlbs()
+    if (wrote && slot !== null && isWritablePte(nLo) && kvmSlotDirtyTrackEnabled(slot)) {
       this.vm.memslots.markPageDirty(slot, f.gfn)
     }
-    if (mmio) {
+    if (slot === null) {
       vcpu.stats.pf_mmio_spte_created++
       return RET_PF_EMULATE
     }
-    return ret
+    return wrote ? RET_PF_FIXED : RET_PF_SPURIOUS
   }
 
   /**
@@ -1192,19 +1296,17 @@ export class TdpMmu {
   private makeSpte(f: TdpFault, level: number): void {
     const exec = !(level > 1 && this.opts.nxHugePages)
     const w = f.hostWritable
-    const hpa = (f.pfn - (f.gfn % PAGES_PER_LEVEL[level]!)) * 4096
-    makeSpte(this.tmp, this.fmt, {
-      hpa,
-      level,
-      writable: w,
-      user: true,
-      exec,
-      accessed: !f.prefetch,
-      dirty: w,
-      hostWritable: w,
-      mmuWritable: w,
-      adEnabled: this.fmt.adEnabled,
-    })
+    // A reused parameter block: an object literal here would be one allocation per fault.
+    const p = this.spteParams
+    p.hpa = (f.pfn - (f.gfn - roundGfnForLevel(f.gfn, level))) * 4096
+    p.level = level
+    p.writable = w
+    p.exec = exec
+    p.accessed = !f.prefetch
+    p.dirty = w
+    p.hostWritable = w
+    p.mmuWritable = w
+    makeSpte(this.tmp, this.fmt, p)
   }
 
   /** page_fault_can_be_fast() (and a root to walk): otherwise fast_page_fault() returns RET_PF_INVALID at once. */
