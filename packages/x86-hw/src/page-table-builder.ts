@@ -4,6 +4,19 @@ import type { FrameAllocator, PhysMem } from './phys-mem.ts'
 
 const TWO32 = 4294967296
 
+/** Index of `va` (signed canonical or unsigned) in its paging structure at `level` (1..5). */
+export function tableIndex(va: number, level: number): number {
+  const hi = splitHi(va)
+  const lo = splitLo(va)
+  switch (level) {
+    case 1: return (lo >>> 12) & 511
+    case 2: return (lo >>> 21) & 511
+    case 3: return ((hi & 0x7f) << 2) | (lo >>> 30)
+    case 4: return (hi >>> 7) & 511
+    default: return (hi >>> 16) & 511
+  }
+}
+
 /** Page-table format a {@link PageTableBuilder} writes. */
 export type TableFormat = 'x86' | 'ept'
 
@@ -45,17 +58,9 @@ export class PageTableBuilder {
     this.root = alloc.allocOrThrow() * 4096
   }
 
-  /** Index of `va` at `level` (1..5), for signed canonical or unsigned addresses. */
+  /** Index of `va` at `level` (1..5); see {@link tableIndex}. */
   static index(va: number, level: number): number {
-    const hi = splitHi(va)
-    const lo = splitLo(va)
-    switch (level) {
-      case 1: return (lo >>> 12) & 511
-      case 2: return (lo >>> 21) & 511
-      case 3: return ((hi & 0x7f) << 2) | (lo >>> 30)
-      case 4: return (hi >>> 7) & 511
-      default: return (hi >>> 16) & 511
-    }
+    return tableIndex(va, level)
   }
 
   /** Physical address of the entry for `va` at `level`, creating missing tables above it. */

@@ -19,7 +19,7 @@
  * With `loseRemoteFlushes: false` the count is VM-wide and the strategy is correct.
  */
 import { z } from 'zod'
-import { ACC_WRITE, PFERR_U, PTE_P, PTE_RW, PTE_US, WALK_OK, WALK_PF, walk, WalkResult } from '@mmusim/x86-hw'
+import { ACC_WRITE, tableIndex as index, PFERR_U, PTE_P, PTE_RW, PTE_US, WALK_OK, WALK_PF, walk, WalkResult } from '@mmusim/x86-hw'
 import { defineMmuStrategy, type KernelOp, type KvmVcpu, type MmuInstance, type PageFault, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, type RetPf, type Vm } from '@mmusim/kvm'
 
 const TWO32 = 2 ** 32
@@ -33,20 +33,6 @@ interface Vtlb {
 
 const optionsSchema = z.object({ loseRemoteFlushes: z.boolean().default(true) }).strict()
 
-function index(va: number, level: number): number {
-  const hi = Math.floor(va / TWO32) >>> 0
-  const lo = (va - Math.floor(va / TWO32) * TWO32) >>> 0
-  switch (level) {
-    case 1:
-      return (lo >>> 12) & 511
-    case 2:
-      return (lo >>> 21) & 511
-    case 3:
-      return ((hi & 0x7f) << 2) | (lo >>> 30)
-    default:
-      return (hi >>> 7) & 511
-  }
-}
 
 /** The fixture: a per-vCPU virtual-TLB shadow MMU whose INVLPG elision loses remote flushes. */
 export const lostRemoteFlushStrategy = defineMmuStrategy({

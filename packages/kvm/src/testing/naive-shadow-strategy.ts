@@ -7,7 +7,7 @@
  * exercises the core's emulation path. Correct for a guest that follows the TLB rules.
  */
 import { z } from 'zod'
-import { ACC_WRITE, PFERR_U, PTE_P, PTE_RW, PTE_US, type WalkResult, WalkResult as WalkResultClass, walk, WALK_OK, WALK_PF } from '@mmusim/x86-hw'
+import { ACC_WRITE, tableIndex as index, PFERR_U, PTE_P, PTE_RW, PTE_US, type WalkResult, WalkResult as WalkResultClass, walk, WALK_OK, WALK_PF } from '@mmusim/x86-hw'
 import { defineMmuStrategy, type KernelOp, type KvmVcpu, type MmuInstance, type PageFault, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, type RetPf, type Vm } from '../index.ts'
 
 const TWO32 = 2 ** 32
@@ -19,16 +19,6 @@ interface ShadowTable {
 
 const optionsSchema = z.object({ trackPageTables: z.boolean().default(false) }).strict()
 
-function index(va: number, level: number): number {
-  const hi = Math.floor(va / TWO32) >>> 0
-  const lo = (va - Math.floor(va / TWO32) * TWO32) >>> 0
-  switch (level) {
-    case 1: return (lo >>> 12) & 511
-    case 2: return (lo >>> 21) & 511
-    case 3: return ((hi & 0x7f) << 2) | (lo >>> 30)
-    default: return (hi >>> 7) & 511
-  }
-}
 
 export const naiveShadowStrategy = defineMmuStrategy({
   name: 'naive-shadow',
