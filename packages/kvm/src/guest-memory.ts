@@ -1,11 +1,6 @@
-import { ACC_WRITE, type AccessKind, type NestedTranslator, WALK_EXIT, type WalkResult } from '@mmusim/x86-hw'
+import { ACC_WRITE, type AccessKind, type NestedTranslator, type WalkResult } from '@mmusim/x86-hw'
 import type { HostMemory } from './host-memory.ts'
 import { gfnToHvaMemslot, KVM_MEM_READONLY, type Memslot, MemslotCache, type Memslots } from './memslot.ts'
-
-/** Pseudo exit reason reported by {@link GuestMemory} when a GPA is not backed by a memslot (MMIO). */
-export const EXIT_GPA_MMIO = 0x1001
-/** Pseudo exit reason: the host could not provide the page (bad HVA, or write to a read-only mapping). */
-export const EXIT_GPA_EFAULT = 0x1002
 
 /**
  * Guest-physical memory as KVM sees it: GPA → memslot → HVA → host page (GUP). Implements
@@ -29,17 +24,14 @@ export class GuestMemory implements NestedTranslator {
     this.asId = asId
   }
 
-  /** Translate `gpa` for an access; -1 (with `res` exit fields set) when not backed. */
-  translate(gpa: number, kind: AccessKind, _final: boolean, res: WalkResult): number {
+  /**
+   * Translate `gpa` for an access. Never fails: a GPA that is not backed (see {@link gpaToHpa}'s
+   * -1/-2) gives an address beyond host memory, which PhysMem treats as open bus (reads all ones,
+   * writes dropped).
+   */
+  translate(gpa: number, kind: AccessKind, _final: boolean, _res: WalkResult): number {
     const hpa = this.gpaToHpa(gpa, kind === ACC_WRITE)
-    if (hpa >= 0) return hpa
-    res.status = WALK_EXIT
-    res.exitReason = hpa === -2 ? EXIT_GPA_EFAULT : EXIT_GPA_MMIO
-    res.exitGpa = gpa
-    res.exitQual = 0
-    res.exitInfo1Lo = 0
-    res.exitInfo1Hi = 0
-    return -1
+    return hpa >= 0 ? hpa : this.host.mem.sizeBytes + (gpa % 4096)
   }
 
   /** GPA → HPA, -1 if no memslot (MMIO), -2 if the host refused (read-only slot/mapping on write, no VMA). */

@@ -13,3 +13,5 @@ export * from './vm.ts'
 export * from './kvm-vcpu.ts'
 export * from './reference.ts'
 export { directMapStrategy } from './examples/direct-map-strategy.ts'
+/** Testing helper: a guest that writes garbage into its page tables (differential tests of every strategy). */
+export { GARBAGE, garbageGuest, type GarbageResult, ROM_GUEST_EXPECTED, runGarbageGuestOnReference, runGarbageGuestOnVm, runRomGuest } from './testing/garbage-guest.ts'

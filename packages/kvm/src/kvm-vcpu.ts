@@ -65,7 +65,6 @@ import {
   type TlbConfig,
   Vcpu,
   walk,
-  WALK_EXIT,
   WALK_OK,
   WALK_PF,
   WalkResult,
@@ -446,11 +445,12 @@ export class KvmVcpu {
       return true
     }
     if (st !== WALK_OK) {
-      if (st === WALK_EXIT) throw new KvmError('EFAULT', `vCPU ${String(this.id)}: emulated access to 0x${la.toString(16)} reached guest-physical 0x${res.exitGpa.toString(16)}, which no memslot backs (MMIO is not modelled)`)
       op.status = RES_GP
       return true
     }
     const gpa = res.gpa
+    // An unbacked GPA (no memslot, or a write to a read-only one: KVM's MMIO exit to userspace,
+    // which has no device model here) translates to open bus: reads all ones, writes dropped.
     const hpa = res.pa
     const mem = gm.host.mem
     if (kind === ACC_WRITE) {
@@ -463,7 +463,8 @@ export class KvmVcpu {
         mem.cmpxchg64(hpa, op.cmpLo, op.cmpHi, op.lo, op.hi)
       }
       const gfn = Math.floor(gpa / 4096)
-      if (this.vm.mmu.isWriteTracked(this.asId, gfn)) yield* this.vm.mmu.trackWrite(this, gpa, bytes)
+      // kvm_page_track_write() follows only a write that reached guest memory.
+      if (hpa < mem.sizeBytes && this.vm.mmu.isWriteTracked(this.asId, gfn)) yield* this.vm.mmu.trackWrite(this, gpa, bytes)
     } else if (k === OP_BATCH) {
       op.batch!.values[op.index] = mem.read32(hpa)
     } else {

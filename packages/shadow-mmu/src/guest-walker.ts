@@ -13,7 +13,6 @@ import {
   type NestedTranslator,
   PagingContext,
   walk,
-  WALK_EXIT,
   WALK_OK,
   WALK_PF,
   WalkResult,
@@ -93,11 +92,9 @@ export class GuestWalker {
     const res = this.res
     const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res)
     if (st !== WALK_OK) {
-      if (st === WALK_PF) this.errorCode = res.errorCode
-      else if (st === WALK_EXIT) {
-        // A guest table outside guest memory: KVM's walker fails like a not-present gPTE.
-        this.errorCode = (kind === ACC_WRITE ? 2 : 0) | (state.cpl === 3 && !implicit ? 4 : 0) | (kind === 2 && (ctx.nxe || ctx.smep) ? 16 : 0)
-      } else this.errorCode = 0
+      // A guest table outside guest memory reads as open bus (GuestMemory.translate): all ones,
+      // so the walk fails with RSVD like on bare metal. (KVM proper fails it as not present.)
+      this.errorCode = st === WALK_PF ? res.errorCode : 0
       return false
     }
     const top = ctx.levels

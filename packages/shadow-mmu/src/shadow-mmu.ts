@@ -1545,13 +1545,18 @@ export class ShadowMmu implements MmuInstance {
   /**
    * kvm_mmu_faultin_pfn(): the memslot and host page of `gfn`. Returns the slot (null = no slot:
    * MMIO) and writes pfn/hostWritable/hva into `out`; throws EFAULT when the host refuses.
+   * A write to a read-only memslot sets `out.roFault` (KVM_PFN_ERR_RO_FAULT: the caller emulates).
    */
-  private faultinPfn(vcpu: KvmVcpu, gfn: number, write: boolean, out: { pfn: number; hostWritable: boolean; hva: number }): Memslot | null {
+  private faultinPfn(vcpu: KvmVcpu, gfn: number, write: boolean, out: { pfn: number; hostWritable: boolean; hva: number; roFault: boolean }): Memslot | null {
+    out.roFault = false
     const slot = this.vm.memslots.gfnToMemslot(vcpu.asId, gfn, vcpu.memslotCache)
     if (slot === null || !kvmIsVisibleMemslot(slot)) return null
     const hva = gfnToHvaMemslot(slot, gfn)
     const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0
-    if (write && readonlySlot) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: write fault on read-only memslot ${slot.id} (gfn 0x${gfn.toString(16)})`)
+    if (write && readonlySlot) {
+      out.roFault = true
+      return slot
+    }
     const host = this.vm.host
     const pfn = host.resolvePfn(hva, write)
     if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: the host refused gfn 0x${gfn.toString(16)} (hva 0x${hva.toString(16)}): ${host.outReason}`)
@@ -1561,7 +1566,7 @@ export class ShadowMmu implements MmuInstance {
     return slot
   }
 
-  private readonly pfnOut = { pfn: 0, hostWritable: true, hva: 0 }
+  private readonly pfnOut = { pfn: 0, hostWritable: true, hva: 0, roFault: false }
 
   /** FNAME(page_fault)(): the shadow-paging fault. */
   private *shadowPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
@@ -1585,6 +1590,8 @@ export class ShadowMmu implements MmuInstance {
     const mmuSeq = vm.notifierState.seq
     const out = this.pfnOut
     const slot = this.faultinPfn(vcpu, gfn, write, out)
+    // kvm_handle_error_pfn(): a write to a read-only memslot is emulated (an MMIO exit; here open bus).
+    if (out.roFault) return RET_PF_EMULATE
     const pfn = out.pfn
     const hostWritable = out.hostWritable
     const hva = out.hva
@@ -1798,6 +1805,8 @@ export class ShadowMmu implements MmuInstance {
     const mmuSeq = vm.notifierState.seq
     const out = this.pfnOut
     const slot = this.faultinPfn(vcpu, gfn, write, out)
+    // kvm_handle_error_pfn(): a write to a read-only memslot is emulated (an MMIO exit; here open bus).
+    if (out.roFault) return RET_PF_EMULATE
     const pfn = out.pfn
     const hostWritable = out.hostWritable
     const hva = out.hva

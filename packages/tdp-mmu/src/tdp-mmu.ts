@@ -1130,7 +1130,8 @@ export class TdpMmu {
     }
     const vm = this.vm
     const costs = this.sched.costs
-    if (!this.kvmMmuFaultinPfn(vcpu, f)) return RET_PF_RETRY
+    const early = this.kvmMmuFaultinPfn(vcpu, f)
+    if (early !== null) return early
     const slot = f.slot
     // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so invalidations
     // can run between the sequence snapshot and mmu_lock (S21).
@@ -1223,31 +1224,31 @@ export class TdpMmu {
 
   /**
    * kvm_mmu_faultin_pfn(): snapshot mmu_invalidate_seq, then resolve the memslot and the host pfn
-   * into the fault. False: the memslot is being deleted or moved (RET_PF_RETRY).
+   * into the fault. Null: go on mapping; RET_PF_RETRY: the memslot is being deleted or moved;
+   * RET_PF_EMULATE: a write to a read-only memslot (kvm_handle_error_pfn on KVM_PFN_ERR_RO_FAULT:
+   * KVM's MMIO exit to userspace, which this model completes as open bus).
    */
-  private kvmMmuFaultinPfn(vcpu: KvmVcpu, f: TdpFault): boolean {
+  private kvmMmuFaultinPfn(vcpu: KvmVcpu, f: TdpFault): RetPf | null {
     const vm = this.vm
     f.mmuSeq = vm.notifierState.seq
     const slot = vm.memslots.gfnToMemslot(vcpu.asId, f.gfn, vcpu.memslotCache)
     f.maxLevel = this.maxHugeLevel
-    if (slot !== null && (slot.flags & KVM_MEMSLOT_INVALID) !== 0) return false
+    if (slot !== null && (slot.flags & KVM_MEMSLOT_INVALID) !== 0) return RET_PF_RETRY
     f.slot = slot
     if (slot === null) {
       f.pfn = -1
       f.hostWritable = false
       f.hostLevel = 1
-      return true
+      return null
     }
-    if (f.write && (slot.flags & KVM_MEM_READONLY) !== 0) {
-      throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: guest write to gfn 0x${f.gfn.toString(16)} of read-only memslot ${String(slot.id)} (an MMIO exit to userspace; not modelled)`)
-    }
+    if (f.write && (slot.flags & KVM_MEM_READONLY) !== 0) return RET_PF_EMULATE
     const host = vm.host
     const pfn = host.resolvePfn(gfnToHvaMemslot(slot, f.gfn), f.write)
     if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${String(vcpu.id)}: hva_to_pfn failed for gfn 0x${f.gfn.toString(16)} (${host.outReason}): KVM returns -EFAULT to userspace`)
     f.pfn = pfn
     f.hostWritable = host.outWritable && (slot.flags & KVM_MEM_READONLY) === 0
     f.hostLevel = host.outLevel
-    return true
+    return null
   }
 
   /** is_page_fault_stale(): obsolete root, or a racing invalidation (§6.3, S20/S21). */

@@ -13,6 +13,7 @@ import {
   type MemslotChange,
   type MmuInstance,
   type PageFault,
+  RET_PF_EMULATE,
   RET_PF_FIXED,
   RET_PF_RETRY,
   RET_PF_SPURIOUS,
@@ -124,8 +125,9 @@ export const directMapStrategy = defineMmuStrategy({
         // an invalidation in that window makes the fault retry instead of installing a stale pfn.
         const seq = vm.notifierState.seq
         const gfn = Math.floor(fault.addr / 4096)
+        // No memslot (or a read-only one): KVM's MMIO path. The core emulates the access (open bus).
         const hpa = vcpu.guestMem.gpaToHpa(gfn * 4096, true)
-        if (hpa < 0) throw new Error(`direct-map: guest-physical 0x${fault.addr.toString(16)} is not guest memory`)
+        if (hpa < 0) return RET_PF_EMULATE
         yield vm.sched.costs.gup
         yield* vm.mmuLock.writeLock()
         try {

@@ -8,7 +8,7 @@
  */
 import { z } from 'zod'
 import { ACC_WRITE, tableIndex as index, PFERR_U, PTE_P, PTE_RW, PTE_US, type WalkResult, WalkResult as WalkResultClass, walk, WALK_OK, WALK_PF } from '@mmusim/x86-hw'
-import { defineMmuStrategy, type KernelOp, type KvmVcpu, type MmuInstance, type PageFault, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, type RetPf, type Vm } from '../index.ts'
+import { defineMmuStrategy, KVM_MEM_READONLY, type KernelOp, type KvmVcpu, type MmuInstance, type PageFault, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, type RetPf, type Vm } from '../index.ts'
 
 const TWO32 = 2 ** 32
 
@@ -90,6 +90,10 @@ export const naiveShadowStrategy = defineMmuStrategy({
         }
         if (st !== WALK_OK) throw new Error(`naive-shadow: walk of 0x${gva.toString(16)} ended with status ${String(st)}`)
         const gfn = Math.floor(res.gpa / 4096)
+        // No memslot, or a write to a read-only one: KVM's MMIO path; the core emulates (open bus).
+        const slot = vm.memslots.gfnToMemslot(vcpu.asId, gfn, vcpu.memslotCache)
+        const readonlySlot = slot !== null && (slot.flags & KVM_MEM_READONLY) !== 0
+        if (slot === null || (readonlySlot && fault.kind === ACC_WRITE)) return RET_PF_EMULATE
         if (options.trackPageTables) {
           for (let l = vcpu.hw.ctx.levels; l >= res.level && l >= 1; l--) tracked.add(Math.floor(res.pathGpa[l]! / 4096))
           if (fault.kind === ACC_WRITE && tracked.has(gfn)) {
@@ -109,7 +113,7 @@ export const naiveShadowStrategy = defineMmuStrategy({
             rw = true
             us = 0
           }
-          if (options.trackPageTables && tracked.has(gfn)) rw = false
+          if ((options.trackPageTables && tracked.has(gfn)) || readonlySlot) rw = false
           const hpa = res.pa - (res.pa % 4096)
           mem.write64(ea, ((hpa % TWO32) | PTE_P | (rw ? PTE_RW : 0) | (us !== 0 ? PTE_US : 0)) >>> 0, (Math.floor(hpa / TWO32) | (res.xd !== 0 ? 0x80000000 : 0)) >>> 0)
           return RET_PF_FIXED
