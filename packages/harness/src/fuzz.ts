@@ -1,4 +1,4 @@
-import { clearYoung, type Cpu, exitProcess, flushTlbMmRange, fork, mmap, mprotect, munmap, PROT_EXEC, PROT_READ, PROT_WRITE, type Routine, switchMm, type Task } from '@mmusim/guest'
+import { type Cpu, PROT_EXEC, PROT_READ, PROT_WRITE, type Routine, switchMm, type Task } from '@mmusim/guest'
 import fc from 'fast-check'
 import { isUnavailable, loadStrategy, type LoadedStrategy, type StrategySpec } from './loader.ts'
 import { type RunRecord, runOne } from './runner.ts'
@@ -6,18 +6,9 @@ import type { Execution } from './session.ts'
 import { interpretShared, sharedCaseArb, type SharedFuzzCase, type SharedStep } from './shared-mm.ts'
 import { defineWorkload, memFor, type Workload } from './workload.ts'
 
-/** One command of a generated guest program (JSON, so a failure prints as a regression test). */
-export type FuzzCommand =
-  | { readonly op: 'mmap'; readonly pages: number; readonly prot: number }
-  | { readonly op: 'munmap'; readonly region: number }
-  | { readonly op: 'mprotect'; readonly region: number; readonly prot: number }
-  | { readonly op: 'write'; readonly region: number; readonly page: number; readonly value: number }
-  | { readonly op: 'read'; readonly region: number; readonly page: number }
-  | { readonly op: 'fetch'; readonly region: number; readonly page: number }
-  | { readonly op: 'fork'; readonly childWrites: number }
-  | { readonly op: 'switch' }
-  | { readonly op: 'invlpg'; readonly region: number; readonly page: number }
-  | { readonly op: 'clearYoung'; readonly region: number; readonly page: number; readonly flush: boolean }
+import { applyFuzzCommand, type FuzzCommand, type FuzzRegion } from './fuzz-ops.ts'
+
+export type { FuzzCommand } from './fuzz-ops.ts'
 
 /** A generated per-process case: one program per vCPU (each in its own process) and an optional chaos schedule. */
 export interface ProcessFuzzCase {
@@ -47,15 +38,9 @@ export function caseSize(c: FuzzCase): number {
   return isSharedCase(c) ? c.steps.length : c.programs.reduce((n, p) => n + p.length, 0)
 }
 
-interface Region {
-  base: number
-  pages: number
-  mapped: boolean
-}
-
 interface Proc {
   task: Task
-  regions: Region[]
+  regions: FuzzRegion[]
 }
 
 /** Interpret one vCPU's program in the guest: two processes at most, regions addressed by index. */
@@ -64,87 +49,16 @@ export function* interpret(cpu: Cpu, program: readonly FuzzCommand[]): Routine {
   const procs: Proc[] = [{ task: yield* os.createProcess(cpu), regions: [] }]
   let cur = 0
   yield* switchMm(cpu, procs[0]!.task.mm)
-  const region = (i: number): Region | null => {
-    const rs = procs[cur]!.regions
-    return rs.length === 0 ? null : rs[i % rs.length]!
-  }
-  const va = (r: Region, page: number): number => r.base + (page % r.pages) * 4096
   for (const c of program) {
-    const p = procs[cur]!
-    switch (c.op) {
-      case 'mmap': {
-        const base = yield* mmap(cpu, p.task.mm, { length: c.pages * 4096, prot: c.prot })
-        p.regions.push({ base, pages: c.pages, mapped: true })
-        break
-      }
-      case 'munmap': {
-        const r = region(c.region)
-        if (r?.mapped === true) {
-          yield* munmap(cpu, p.task.mm, r.base, r.pages * 4096)
-          r.mapped = false
-        }
-        break
-      }
-      case 'mprotect': {
-        const r = region(c.region)
-        if (r?.mapped === true) yield* mprotect(cpu, p.task.mm, r.base, r.pages * 4096, c.prot)
-        break
-      }
-      case 'write': {
-        const r = region(c.region)
-        if (r !== null) yield* cpu.write32(va(r, c.page), c.value)
-        break
-      }
-      case 'read': {
-        const r = region(c.region)
-        if (r !== null) yield* cpu.read32(va(r, c.page))
-        break
-      }
-      case 'fetch': {
-        const r = region(c.region)
-        if (r !== null) yield* cpu.fetch32(va(r, c.page))
-        break
-      }
-      case 'fork': {
-        const child = yield* fork(cpu, p.task)
-        yield* switchMm(cpu, child.mm)
-        const rs = p.regions.filter((r) => r.mapped)
-        for (let i = 0; i < c.childWrites && rs.length > 0; i++) {
-          const r = rs[i % rs.length]!
-          yield* cpu.read32(va(r, i))
-          yield* cpu.write32(va(r, i), 0xc0de0000 + i)
-        }
-        yield* switchMm(cpu, p.task.mm)
-        yield* exitProcess(cpu, child)
-        break
-      }
-      case 'switch': {
-        if (procs.length === 1) procs.push({ task: yield* os.createProcess(cpu), regions: [] })
-        cur = 1 - cur
-        yield* switchMm(cpu, procs[cur]!.task.mm)
-        break
-      }
-      case 'invlpg': {
-        const r = region(c.region)
-        if (r !== null) yield* cpu.invlpg(va(r, c.page))
-        break
-      }
-      case 'clearYoung': {
-        const r = region(c.region)
-        if (r?.mapped === true) {
-          const page = va(r, c.page)
-          yield* clearYoung(cpu, p.task.mm, page, c.flush)
-          // As in the shared mode: after a clear without a flush, whether the next access sets A
-          // again is up to what the platform cached (TLB, or a shadow SPTE), and the guest kernel
-          // reads its PTEs; reclaim's deferred flush makes A comparable before anyone reads it.
-          if (!c.flush) yield* flushTlbMmRange(cpu, p.task.mm, page, page + 4096)
-        }
-        break
-      }
+    if (c.op === 'switch') {
+      if (procs.length === 1) procs.push({ task: yield* os.createProcess(cpu), regions: [] })
+      cur = 1 - cur
+      yield* switchMm(cpu, procs[cur]!.task.mm)
+    } else {
+      const p = procs[cur]!
+      yield* applyFuzzCommand(cpu, p.task, p.regions, c)
     }
   }
-  yield* switchMm(cpu, null)
-  for (const q of procs) yield* exitProcess(cpu, q.task)
 }
 
 /** The workload that runs a {@link FuzzCase}. */

@@ -1,5 +1,6 @@
-import { clearYoung, type Cpu, exitProcess, flushTlbMmRange, fork, mmap, mprotect, munmap, PROT_EXEC, PROT_READ, PROT_WRITE, type Routine, switchMm, type Task } from '@mmusim/guest'
+import { type Cpu, exitProcess, mmap, PROT_EXEC, PROT_READ, PROT_WRITE, type Routine, switchMm, type Task } from '@mmusim/guest'
 import fc from 'fast-check'
+import { applyFuzzCommand, type FuzzCommand, type FuzzRegion } from './fuzz-ops.ts'
 
 /*
  * The shared-mm fuzz mode: every vCPU runs a thread of ONE process, and a generated sequence of
@@ -17,17 +18,8 @@ import fc from 'fast-check'
  */
 
 /** What one step does (the same vocabulary as the per-process programs). */
-export type StepCommand =
-  | { readonly op: 'mmap'; readonly pages: number; readonly prot: number }
-  | { readonly op: 'munmap'; readonly region: number }
-  | { readonly op: 'mprotect'; readonly region: number; readonly prot: number }
-  | { readonly op: 'write'; readonly region: number; readonly page: number; readonly value: number }
-  | { readonly op: 'read'; readonly region: number; readonly page: number }
-  | { readonly op: 'fetch'; readonly region: number; readonly page: number }
-  | { readonly op: 'fork'; readonly childWrites: number }
-  | { readonly op: 'switch' }
-  | { readonly op: 'invlpg'; readonly region: number; readonly page: number }
-  | { readonly op: 'clearYoung'; readonly region: number; readonly page: number; readonly flush: boolean }
+/** A step's command: the same commands as the per-process mode's programs. */
+export type StepCommand = FuzzCommand
 
 /**
  * One lockstep step: vCPU `cpu` (modulo the vCPU count) executes the command on the shared
@@ -47,16 +39,10 @@ export interface SharedFuzzCase {
   readonly chaos: number | null
 }
 
-interface SharedRegion {
-  readonly base: number
-  readonly pages: number
-  mapped: boolean
-}
-
 /** JS-side state shared by the vCPUs of one run (what the threads of one process agree on). */
 interface SharedState {
   task: Task | null
-  readonly regions: SharedRegion[]
+  readonly regions: FuzzRegion[]
   /** The next turn; the owner of turn k waits until `turn === k`. */
   turn: number
 }
@@ -72,7 +58,7 @@ function touchValue(step: number, cpu: number): number {
 function targets(st: SharedState, s: StepCommand): { region: number; pages: number[] }[] {
   const rs = st.regions
   const at = (i: number): number => (rs.length === 0 ? -1 : i % rs.length)
-  const spread = (r: SharedRegion): number[] => {
+  const spread = (r: FuzzRegion): number[] => {
     const out: number[] = []
     for (let p = 0; p < Math.min(r.pages, TOUCH_PAGES); p++) out.push(p)
     if (r.pages > TOUCH_PAGES) out.push(r.pages - 1)
@@ -127,7 +113,7 @@ export function* interpretShared(cpu: Cpu, c: SharedFuzzCase): Routine {
     yield* body()
     st.turn = k + 1
   }
-  const va = (r: SharedRegion, page: number): number => r.base + (page % r.pages) * 4096
+  const va = (r: FuzzRegion, page: number): number => r.base + (page % r.pages) * 4096
   function* comeBack(): Routine {
     yield* switchMm(cpu, shared.mm)
     away = false
@@ -147,75 +133,8 @@ export function* interpretShared(cpu: Cpu, c: SharedFuzzCase): Routine {
       return
     }
     if (away) yield* comeBack()
-    const mm = shared.mm
-    const rs = st.regions
-    const region = (k: number): SharedRegion | null => (rs.length === 0 ? null : rs[k % rs.length]!)
-    switch (s.op) {
-      case 'mmap': {
-        const base = yield* mmap(cpu, mm, { length: s.pages * 4096, prot: s.prot })
-        rs.push({ base, pages: s.pages, mapped: true })
-        break
-      }
-      case 'munmap': {
-        const r = region(s.region)
-        if (r?.mapped === true) {
-          yield* munmap(cpu, mm, r.base, r.pages * 4096)
-          r.mapped = false
-        }
-        break
-      }
-      case 'mprotect': {
-        const r = region(s.region)
-        if (r?.mapped === true) yield* mprotect(cpu, mm, r.base, r.pages * 4096, s.prot)
-        break
-      }
-      case 'write': {
-        const r = region(s.region)
-        if (r !== null) yield* cpu.write32(va(r, s.page), s.value)
-        break
-      }
-      case 'read': {
-        const r = region(s.region)
-        if (r !== null) yield* cpu.read32(va(r, s.page))
-        break
-      }
-      case 'fetch': {
-        const r = region(s.region)
-        if (r !== null) yield* cpu.fetch32(va(r, s.page))
-        break
-      }
-      case 'invlpg': {
-        const r = region(s.region)
-        if (r !== null) yield* cpu.invlpg(va(r, s.page))
-        break
-      }
-      case 'clearYoung': {
-        const r = region(s.region)
-        if (r?.mapped !== true) break
-        const page = va(r, s.page)
-        yield* clearYoung(cpu, mm, page, s.flush)
-        // Without a flush the A bit is architecturally undefined until the next flush: a vCPU's
-        // TLB — or, under shadow paging, an SPTE every vCPU shares — may keep serving the page
-        // without setting A, and the guest kernel reads its PTEs (so A is guest-visible). Reclaim's
-        // batched flush (try_to_unmap_flush) comes before anyone acts on the result; do it here,
-        // before the others touch again, so A stays comparable.
-        if (!s.flush) yield* flushTlbMmRange(cpu, mm, page, page + 4096)
-        break
-      }
-      case 'fork': {
-        const child = yield* fork(cpu, shared)
-        yield* switchMm(cpu, child.mm)
-        const live = rs.filter((r) => r.mapped)
-        for (let w = 0; w < s.childWrites && live.length > 0; w++) {
-          const r = live[w % live.length]!
-          yield* cpu.read32(va(r, w))
-          yield* cpu.write32(va(r, w), 0xc0de0000 + w)
-        }
-        yield* switchMm(cpu, mm)
-        yield* exitProcess(cpu, child)
-        break
-      }
-    }
+    // Every other command runs on the shared process.
+    yield* applyFuzzCommand(cpu, shared, st.regions, s)
   }
   for (const [i, s] of c.steps.entries()) {
     yield* os.barrier(cpu, 'fuzz-step')
