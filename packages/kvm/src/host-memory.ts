@@ -13,6 +13,7 @@
 import { MmusimError, PhysMem } from '@mmusim/x86-hw'
 import { KvmError } from './errors.ts'
 import type { MmuNotifierOps } from './mmu-notifier.ts'
+import type { KernelOp } from './sched/index.ts'
 import { TASK_SIZE_MAX } from './memslot.ts'
 
 const PAGE = 4096
@@ -265,6 +266,24 @@ export interface HostMemoryOptions {
   poisonFreed?: boolean
 }
 
+/**
+ * A notifier phase a host operation's body asks its driver to run for every subscriber:
+ * `invalidate_range_start` or `invalidate_range_end` over HVAs [start, end).
+ */
+interface InvalidateCall {
+  phase: 'start' | 'end'
+  start: number
+  end: number
+}
+
+/**
+ * The body of a host operation, written once: it yields each notifier phase and gets control back
+ * when every subscriber has run it. {@link HostMemory} drives it synchronously (the classic API,
+ * the caller holds the subscribers' locks) or as a {@link KernelOp} whose phases are the
+ * subscribers' `*Op` methods (the `*Op` API, which may yield inside the phases).
+ */
+type HostSteps<R> = Generator<InvalidateCall, R, void>
+
 function alignedDown(x: number, a: number): number {
   return x - (x % a)
 }
@@ -491,25 +510,56 @@ export class HostMemory {
 
   // ---- notifier plumbing ----
 
-  private invStart(start: number, end: number): void {
-    this.stats.notifierInvalidations++
-    for (const s of this.subscribers) s.invalidateRangeStart(start, end, true)
+  /** Run a host operation's body, calling the subscribers' synchronous notifier methods. */
+  private runSync<R>(steps: HostSteps<R>): R {
+    for (;;) {
+      const r = steps.next()
+      if (r.done === true) return r.value
+      const c = r.value
+      if (c.phase === 'start') {
+        this.stats.notifierInvalidations++
+        for (const s of this.subscribers) s.invalidateRangeStart(c.start, c.end, true)
+      } else {
+        for (const s of this.subscribers) s.invalidateRangeEnd(c.start, c.end)
+      }
+    }
   }
 
-  private invEnd(start: number, end: number): void {
-    for (const s of this.subscribers) s.invalidateRangeEnd(start, end)
+  /**
+   * Run a host operation's body as a kernel operation: each notifier phase runs the subscribers'
+   * `invalidateRangeStartOp` / `invalidateRangeEndOp` (which take their locks themselves and may
+   * yield, `may_block`), or their synchronous methods when they have none.
+   */
+  private *runOp<R>(steps: HostSteps<R>): KernelOp<R> {
+    for (;;) {
+      const r = steps.next()
+      if (r.done === true) return r.value
+      const c = r.value
+      if (c.phase === 'start') {
+        this.stats.notifierInvalidations++
+        for (const s of this.subscribers) {
+          if (s.invalidateRangeStartOp !== undefined) yield* s.invalidateRangeStartOp(c.start, c.end, true)
+          else s.invalidateRangeStart(c.start, c.end, true)
+        }
+      } else {
+        for (const s of this.subscribers) {
+          if (s.invalidateRangeEndOp !== undefined) yield* s.invalidateRangeEndOp(c.start, c.end)
+          else s.invalidateRangeEnd(c.start, c.end)
+        }
+      }
+    }
   }
 
   /** `__split_huge_pmd`: replace the 2M mapping of region by 512 4K mappings of the same frames, inside its own notifier range. */
-  private splitRegion(region: number): void {
+  private *splitRegion(region: number): HostSteps<void> {
     const f = this.pt2m.get(region)
     if (f === undefined) return
     const start = region * SIZE_2M
-    this.invStart(start, start + SIZE_2M)
+    yield { phase: 'start', start, end: start + SIZE_2M }
     this.pt2m.delete(region)
     for (let i = 0; i < 512; i++) this.map4k(region * 512 + i, f + i)
     this.stats.thpSplits++
-    this.invEnd(start, start + SIZE_2M)
+    yield { phase: 'end', start, end: start + SIZE_2M }
   }
 
   /**
@@ -518,15 +568,24 @@ export class HostMemory {
    * happened.
    */
   splitThp(hva: number): boolean {
+    return this.runSync(this.splitThpSteps(hva))
+  }
+
+  /** {@link splitThp} as a kernel operation whose notifier phases may yield (see {@link munmapOp}). */
+  splitThpOp(hva: number): KernelOp<boolean> {
+    return this.runOp(this.splitThpSteps(hva))
+  }
+
+  private *splitThpSteps(hva: number): HostSteps<boolean> {
     const region = Math.floor(hva / SIZE_2M)
     if (!this.pt2m.has(region)) return false
-    this.splitRegion(region)
+    yield* this.splitRegion(region)
     return true
   }
 
   /** Split any THP straddling `addr` (a range boundary), as change/zap of a partial PMD does. */
-  private splitAt(addr: number): void {
-    if (addr % SIZE_2M !== 0) this.splitRegion(Math.floor(addr / SIZE_2M))
+  private *splitAt(addr: number): HostSteps<void> {
+    if (addr % SIZE_2M !== 0) yield* this.splitRegion(Math.floor(addr / SIZE_2M))
   }
 
   private checkHugetlbAlignment(fn: string, start: number, end: number): void {
@@ -568,14 +627,27 @@ export class HostMemory {
    * hugetlb VMA cut at a non-1G boundary.
    */
   munmap(hva: number, size: number): void {
+    this.runSync(this.munmapSteps(hva, size))
+  }
+
+  /**
+   * {@link munmap} as a kernel operation: the same body, but each notifier phase runs the
+   * subscribers' `*Op` methods, which take their locks themselves and may yield (KVM's unmap with
+   * `may_block`), so other threads run between invalidate_range_start and the page-table change.
+   */
+  munmapOp(hva: number, size: number): KernelOp {
+    return this.runOp(this.munmapSteps(hva, size))
+  }
+
+  private *munmapSteps(hva: number, size: number): HostSteps<void> {
     this.checkRange('munmap', hva, size)
     const start = hva
     const end = hva + size
     this.checkHugetlbAlignment('munmap', start, end)
     if (!this.overlapsAnyVma(start, end)) return
-    this.invStart(start, end)
-    this.splitAt(start)
-    this.splitAt(end)
+    yield { phase: 'start', start, end }
+    yield* this.splitAt(start)
+    yield* this.splitAt(end)
     const poison = this.poisonFreed
     for (const [g, f] of [...this.pt1g]) {
       if (g * SIZE_1G >= start && (g + 1) * SIZE_1G <= end) {
@@ -593,13 +665,15 @@ export class HostMemory {
       const f = this.unmap4k(vpn)!
       this.frames.free(f, { poison })
     })
-    this.invEnd(start, end)
+    // The VMAs go before invalidate_range_end, so no demand fault can map a page in the range
+    // while the end phase waits for its locks (mmap_lock is not modelled).
     this.splitVmasAt(start)
     this.splitVmasAt(end)
     for (let i = this.vmas.length - 1; i >= 0; i--) {
       const v = this.vmas[i]!
       if (v.start >= start && v.end <= end) this.vmas.splice(i, 1)
     }
+    yield { phase: 'end', start, end }
   }
 
   /**
@@ -608,6 +682,15 @@ export class HostMemory {
    * part of the range is not mapped by a VMA (as Linux); EINVAL as for munmap.
    */
   mprotect(hva: number, size: number, readonly: boolean): void {
+    this.runSync(this.mprotectSteps(hva, size, readonly))
+  }
+
+  /** {@link mprotect} as a kernel operation whose notifier phases may yield (see {@link munmapOp}). */
+  mprotectOp(hva: number, size: number, readonly: boolean): KernelOp {
+    return this.runOp(this.mprotectSteps(hva, size, readonly))
+  }
+
+  private *mprotectSteps(hva: number, size: number, readonly: boolean): HostSteps<void> {
     this.checkRange('mprotect', hva, size)
     const start = hva
     const end = hva + size
@@ -622,13 +705,13 @@ export class HostMemory {
       throw new KvmError('ENOMEM', `mprotect: [0x${start.toString(16)}, 0x${end.toString(16)}) is not entirely mapped (unmapped from 0x${covered.toString(16)})`)
     }
     this.checkHugetlbAlignment('mprotect', start, end)
-    this.invStart(start, end)
-    this.splitAt(start)
-    this.splitAt(end)
+    yield { phase: 'start', start, end }
+    yield* this.splitAt(start)
+    yield* this.splitAt(end)
     this.splitVmasAt(start)
     this.splitVmasAt(end)
     for (const v of this.vmas) if (v.start >= start && v.end <= end) v.readonly = readonly
-    this.invEnd(start, end)
+    yield { phase: 'end', start, end }
   }
 
   /**
@@ -638,6 +721,15 @@ export class HostMemory {
    * old frames, invalidate_range_end. Returns the old and new pfn of hva's 4K page, or null.
    */
   migratePage(hva: number): { oldPfn: number; newPfn: number } | null {
+    return this.runSync(this.migratePageSteps(hva))
+  }
+
+  /** {@link migratePage} as a kernel operation whose notifier phases may yield (see {@link munmapOp}). */
+  migratePageOp(hva: number): KernelOp<{ oldPfn: number; newPfn: number } | null> {
+    return this.runOp(this.migratePageSteps(hva))
+  }
+
+  private *migratePageSteps(hva: number): HostSteps<{ oldPfn: number; newPfn: number } | null> {
     const g = Math.floor(hva / SIZE_1G)
     const r = Math.floor(hva / SIZE_2M)
     const vpn = Math.floor(hva / PAGE)
@@ -661,14 +753,14 @@ export class HostMemory {
     const newFirst = this.frames.allocOrder(order)
     if (newFirst < 0) return null
     const end = base + n * PAGE
-    this.invStart(base, end)
+    yield { phase: 'start', start: base, end }
     for (let i = 0; i < n; i++) if (this.mem.isBacked(oldFirst + i)) this.mem.copyFrame(oldFirst + i, newFirst + i)
     if (order === ORDER_1G) this.pt1g.set(g, newFirst)
     else if (order === ORDER_2M) this.pt2m.set(r, newFirst)
     else this.pt4k.set(vpn, newFirst)
     this.frames.freeOrder(oldFirst, order, { poison: this.poisonFreed })
     this.stats.migrations++
-    this.invEnd(base, end)
+    yield { phase: 'end', start: base, end }
     const off = Math.floor((hva - base) / PAGE)
     return { oldPfn: oldFirst + off, newPfn: newFirst + off }
   }

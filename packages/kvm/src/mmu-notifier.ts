@@ -16,12 +16,14 @@
  *   return RET_PF_RETRY
  * install SPTE
  * ```
- * Both sides change the state only under mmu_lock held for write; this module is synchronous,
- * the caller (VM / scheduler) provides the locking.
+ * Both sides change the state only under mmu_lock held for write. The synchronous notifier
+ * methods expect the caller (VM / scheduler) to provide the locking; their `*Op` forms take
+ * mmu_lock themselves (through the listener) and may yield inside the unmap.
  */
 import type { Memslot, Memslots } from './memslot.ts'
 import { hvaToGfnMemslot, KVM_ADDRESS_SPACE_NUM } from './memslot.ts'
 import { MmusimError } from '@mmusim/x86-hw'
+import type { KernelOp } from './sched/index.ts'
 
 /** `INVALID_GPA` used as "no range recorded yet" for `mmu_invalidate_range_start/end`. */
 export const INVALID_GFN = -1
@@ -107,6 +109,17 @@ export interface MmuNotifierListener {
   onInvalidateRangeStart?(state: MmuNotifierState, hvaStart: number, hvaEnd: number): void
   /** `kvm_unmap_gfn_range`: zap every leaf SPTE mapping [startGfn, endGfn); return whether a TLB flush is needed. */
   unmapGfnRange(asId: number, slot: Memslot, startGfn: number, endGfn: number, opts: { mayBlock: boolean }): boolean
+  /**
+   * `kvm_unmap_gfn_range` as a kernel operation, used by the `*Op` notifier methods when present:
+   * it may drop and retake mmu_lock (yield) when `opts.mayBlock` (`range->may_block`).
+   */
+  unmapGfnRangeOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number, opts: { mayBlock: boolean }): KernelOp<boolean>
+  /**
+   * `KVM_MMU_LOCK` / `KVM_MMU_UNLOCK` of `__kvm_handle_hva_range`: take and drop mmu_lock for
+   * write. Required by the `*Op` notifier methods (the synchronous ones expect the caller to hold it).
+   */
+  mmuWriteLock?(): KernelOp
+  mmuWriteUnlock?(): void
   /** Called under the lock right after `kvm_mmu_invalidate_end` (state already updated). */
   onInvalidateRangeEnd?(state: MmuNotifierState, hvaStart: number, hvaEnd: number): void
   /** `kvm_age_gfn`: clear Accessed (or access-track) SPTEs in range; return whether any was young. */
@@ -127,6 +140,14 @@ export interface MmuNotifierListener {
 export interface MmuNotifierOps {
   invalidateRangeStart(start: number, end: number, mayBlock: boolean): void
   invalidateRangeEnd(start: number, end: number): void
+  /**
+   * {@link invalidateRangeStart} as a kernel operation that takes the subscriber's locks itself
+   * and may yield (when `mayBlock`); the host runs it instead of the synchronous form when it runs
+   * the operation on a thread.
+   */
+  invalidateRangeStartOp?(start: number, end: number, mayBlock: boolean): KernelOp
+  /** {@link invalidateRangeEnd} as a kernel operation that takes the subscriber's locks itself. */
+  invalidateRangeEndOp?(start: number, end: number): KernelOp
   /** `clear_flush_young`: returns young. */
   clearFlushYoung(start: number, end: number): boolean
   /** `clear_young` (no flush): returns young. */
@@ -198,6 +219,27 @@ export class KvmMmuNotifier implements MmuNotifierOps {
    * [start, end): gfn range = [hva_to_gfn(max(start, slot hva)), hva_to_gfn(min(end, slot end) + 4095)).
    * Returns whether any handler returned true; returns also whether the lock was taken.
    */
+  /**
+   * The memslot pieces of [start, end) as `__kvm_handle_hva_range` computes them: for each address
+   * space and each memslot whose HVA range meets it, gfn range =
+   * [hva_to_gfn(max(start, slot hva)), hva_to_gfn(min(end, slot end) + 4095)).
+   */
+  private *hvaRangeSlots(start: number, end: number): Generator<{ asId: number; slot: Memslot; gStart: number; gEnd: number }, void, void> {
+    for (let asId = 0; asId < KVM_ADDRESS_SPACE_NUM; asId++) {
+      const set = this.memslots.spaces[asId]!
+      for (const slot of set.slotsOverlappingHva(start, end)) {
+        const hvaStart = Math.max(start, slot.userspaceAddr)
+        const hvaEnd = Math.min(end, slot.userspaceAddr + slot.npages * 4096)
+        yield { asId, slot, gStart: hvaToGfnMemslot(hvaStart, slot), gEnd: hvaToGfnMemslot(hvaEnd + 4096 - 1, slot) }
+      }
+    }
+  }
+
+  /**
+   * `__kvm_handle_hva_range`: run `handler` on every memslot piece of [start, end) (see
+   * {@link hvaRangeSlots}), `onLock` once before the first. Returns whether any handler returned
+   * true; returns also whether the lock was taken.
+   */
   private handleHvaRange(
     start: number,
     end: number,
@@ -207,20 +249,13 @@ export class KvmMmuNotifier implements MmuNotifierOps {
   ): { ret: boolean; locked: boolean } {
     let ret = false
     let locked = false
-    for (let asId = 0; asId < KVM_ADDRESS_SPACE_NUM; asId++) {
-      const set = this.memslots.spaces[asId]!
-      for (const slot of set.slotsOverlappingHva(start, end)) {
-        const hvaStart = Math.max(start, slot.userspaceAddr)
-        const hvaEnd = Math.min(end, slot.userspaceAddr + slot.npages * 4096)
-        const gStart = hvaToGfnMemslot(hvaStart, slot)
-        const gEnd = hvaToGfnMemslot(hvaEnd + 4096 - 1, slot)
-        if (!locked) {
-          locked = true
-          onLock?.()
-          if (handler === null) break
-        }
-        if (handler?.(asId, slot, gStart, gEnd) === true) ret = true
+    for (const p of this.hvaRangeSlots(start, end)) {
+      if (!locked) {
+        locked = true
+        onLock?.()
+        if (handler === null) break
       }
+      if (handler?.(p.asId, p.slot, p.gStart, p.gEnd) === true) ret = true
     }
     if (flushOnRet && ret) this.flush()
     return { ret, locked }
@@ -239,23 +274,77 @@ export class KvmMmuNotifier implements MmuNotifierOps {
   invalidateRangeStart(start: number, end: number, mayBlock = true): void {
     this.stats.invalidateStarts++
     this.state.activeInvalidateCount++
-    const st = this.state
     const l = this.listener
     const r = this.handleHvaRange(
       start,
       end,
       (asId, slot, gs, ge) => {
-        st.invalidateRangeAdd(gs, ge)
-        this.stats.unmapCalls++
+        this.unmapBegin(gs, ge)
         return l.unmapGfnRange(asId, slot, gs, ge, { mayBlock })
       },
       () => {
-        st.invalidateBegin()
-        l.onInvalidateRangeStart?.(st, start, end)
+        this.lockedBegin(start, end)
       },
       true,
     )
     if (r.locked) this.stats.invalidatesWithSlots++
+  }
+
+  /**
+   * {@link invalidateRangeStart} as a kernel operation (the real `kvm_mmu_notifier_invalidate_range_start`
+   * order): if a memslot overlaps, take mmu_lock for write, `kvm_mmu_invalidate_begin`, per slot
+   * range-add and the MMU's unmap — the listener's yielding `unmapGfnRangeOp` when it has one
+   * (it may drop and retake the lock when `mayBlock`), else `unmapGfnRange` — flush if asked,
+   * unlock. A fault that runs while the unmap yields sees `in_progress` and the range, and retries.
+   */
+  *invalidateRangeStartOp(start: number, end: number, mayBlock = true): KernelOp {
+    this.stats.invalidateStarts++
+    this.state.activeInvalidateCount++
+    const l = this.listener
+    let locked = false
+    let ret = false
+    try {
+      for (const p of this.hvaRangeSlots(start, end)) {
+        if (!locked) {
+          yield* this.mmuWriteLock()
+          locked = true
+          this.lockedBegin(start, end)
+        }
+        this.unmapBegin(p.gStart, p.gEnd)
+        const flush = l.unmapGfnRangeOp !== undefined
+          ? yield* l.unmapGfnRangeOp(p.asId, p.slot, p.gStart, p.gEnd, { mayBlock })
+          : l.unmapGfnRange(p.asId, p.slot, p.gStart, p.gEnd, { mayBlock })
+        if (flush) ret = true
+      }
+      if (ret) this.flush()
+    } finally {
+      if (locked) this.mmuWriteUnlock()
+    }
+    if (locked) this.stats.invalidatesWithSlots++
+  }
+
+  private *mmuWriteLock(): KernelOp {
+    const l = this.listener
+    if (l.mmuWriteLock === undefined || l.mmuWriteUnlock === undefined) {
+      throw new MmusimError('NOTIFIER_NO_LOCK', 'the notifier listener has no mmuWriteLock/mmuWriteUnlock: the *Op notifier methods cannot take mmu_lock')
+    }
+    yield* l.mmuWriteLock()
+  }
+
+  private mmuWriteUnlock(): void {
+    this.listener.mmuWriteUnlock!()
+  }
+
+  /** Under the lock, first overlapping slot of a start: `kvm_mmu_invalidate_begin` + on_lock. */
+  private lockedBegin(start: number, end: number): void {
+    this.state.invalidateBegin()
+    this.listener.onInvalidateRangeStart?.(this.state, start, end)
+  }
+
+  /** Per slot of a start, before the unmap: `kvm_mmu_invalidate_range_add`. */
+  private unmapBegin(gs: number, ge: number): void {
+    this.state.invalidateRangeAdd(gs, ge)
+    this.stats.unmapCalls++
   }
 
   /**
@@ -266,17 +355,39 @@ export class KvmMmuNotifier implements MmuNotifierOps {
    */
   invalidateRangeEnd(start: number, end: number): void {
     this.stats.invalidateEnds++
-    const st = this.state
     this.handleHvaRange(
       start,
       end,
       null,
       () => {
-        st.invalidateEnd()
-        this.listener.onInvalidateRangeEnd?.(st, start, end)
+        this.lockedEnd(start, end)
       },
       false,
     )
+    this.endDone()
+  }
+
+  /** {@link invalidateRangeEnd} as a kernel operation that takes mmu_lock for write itself. */
+  *invalidateRangeEndOp(start: number, end: number): KernelOp {
+    this.stats.invalidateEnds++
+    if (!this.hvaRangeSlots(start, end).next().done) {
+      yield* this.mmuWriteLock()
+      try {
+        this.lockedEnd(start, end)
+      } finally {
+        this.mmuWriteUnlock()
+      }
+    }
+    this.endDone()
+  }
+
+  private lockedEnd(start: number, end: number): void {
+    this.state.invalidateEnd()
+    this.listener.onInvalidateRangeEnd?.(this.state, start, end)
+  }
+
+  private endDone(): void {
+    const st = this.state
     st.activeInvalidateCount--
     if (st.activeInvalidateCount < 0) {
       throw new MmusimError('INVALIDATE_UNBALANCED', 'mn_active_invalidate_count went negative: range_end() without range_start()')

@@ -103,6 +103,15 @@ export interface MmuInstance {
    * held for write by the core. Returns whether a TLB flush is needed (the core flushes).
    */
   unmapGfnRange(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
+  /**
+   * MMU notifier: kvm_unmap_gfn_range() with `range->may_block` — the same unmap as
+   * {@link unmapGfnRange}, as a kernel operation that may drop and retake mmu_lock (yield, flushing
+   * what it zapped first) when `mayBlock`. Called with mmu_lock held for write and returns with it
+   * held; returns whether a TLB flush is still needed (the core flushes). Optional: the core uses
+   * it, when present, for host operations run with {@link Vm.hostOpYielding}; otherwise it calls
+   * {@link unmapGfnRange}.
+   */
+  unmapGfnRangeOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number, mayBlock: boolean): KernelOp<boolean>
   /** MMU notifier: clear accessed state, return whether any was young (kvm_age_gfn). mmu_lock held for write. */
   ageGfnRange(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
   /** MMU notifier: whether any SPTE is young (kvm_test_age_gfn). mmu_lock held for write. */

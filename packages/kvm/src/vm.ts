@@ -44,6 +44,8 @@ export class Vm {
   readonly mmuLock: RwLock
   /** kvm->slots_lock. */
   readonly slotsLock: Mutex
+  /** The host process's mmap_lock, as far as {@link hostOpYielding} needs it. */
+  private readonly mmapLock: Mutex
   readonly rcu: Rcu
   readonly host: HostMemory
   readonly memslots: Memslots
@@ -74,6 +76,7 @@ export class Vm {
     this.sched = new Scheduler({ costs: options.costs, chaos: options.chaos, recordTrace: options.recordTrace ?? false })
     this.mmuLock = new RwLock(this.sched, 'mmu_lock')
     this.slotsLock = new Mutex(this.sched, 'slots_lock')
+    this.mmapLock = new Mutex(this.sched, 'mmap_lock')
     this.rcu = new Rcu(this.sched)
     this.host = new HostMemory({ sizeBytes: options.hostMemBytes ?? 4 * 2 ** 30 })
     this.memslots = new Memslots()
@@ -206,11 +209,51 @@ export class Vm {
     )
   }
 
+  /**
+   * Run a host-side memory operation as a kernel thread at simulated time `at`, split-phase as
+   * KVM runs it: `op` returns the operation's kernel-op form (`host.munmapOp`, `mprotectOp`,
+   * `migratePageOp`, `splitThpOp`), whose notifier phases take mmu_lock themselves —
+   * `invalidate_range_start` (lock, in_progress++, range add, the MMU's unmap, which may yield
+   * when the strategy has `unmapGfnRangeOp`, flush, unlock), then the host page-table change
+   * without mmu_lock, then `invalidate_range_end` (lock, seq++, in_progress--, unlock). A fault
+   * racing with it sees `mmu_invalidate_in_progress` and retries. Host operations run this way
+   * are serialized among themselves by the host's mmap_lock.
+   */
+  hostOpYielding(name: string, at: number, op: (host: HostMemory) => KernelOp<unknown>): void {
+    this.sched.spawn(
+      `host:${name}`,
+      function* (this: Vm): KernelOp {
+        yield* this.mmapLock.lock()
+        try {
+          yield* op(this.host)
+        } finally {
+          this.mmapLock.unlock()
+        }
+      }.bind(this),
+      { startTime: at },
+    )
+  }
+
   private notifierListener(): MmuNotifierListener {
+    const mmu = this.mmu
     return {
       unmapGfnRange: (asId, slot, s, e) => {
         this.mmuLock.assertHeld('write')
         return this.mmu.unmapGfnRange(asId, slot, s, e)
+      },
+      ...(mmu.unmapGfnRangeOp === undefined
+        ? {}
+        : {
+            unmapGfnRangeOp: function* (this: Vm, asId: number, slot: Memslot, s: number, e: number, opts: { mayBlock: boolean }): KernelOp<boolean> {
+              this.mmuLock.assertHeld('write')
+              const flush = yield* mmu.unmapGfnRangeOp!(asId, slot, s, e, opts.mayBlock)
+              this.mmuLock.assertHeld('write')
+              return flush
+            }.bind(this),
+          }),
+      mmuWriteLock: () => this.mmuLock.writeLock(),
+      mmuWriteUnlock: () => {
+        this.mmuLock.writeUnlock()
       },
       ageGfnRange: (asId, slot, s, e) => {
         this.mmuLock.assertHeld('write')

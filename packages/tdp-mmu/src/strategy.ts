@@ -106,6 +106,8 @@ function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
     },
     /** kvm_unmap_gfn_range() → kvm_tdp_mmu_unmap_gfn_range (mmu_lock held for write). */
     unmapGfnRange: (asId: number, _slot: Memslot, s: number, e: number) => mmu.kvmTdpMmuUnmapGfnRange(asId, s, e, false),
+    /** kvm_unmap_gfn_range() with range->may_block → kvm_tdp_mmu_unmap_gfn_range (yields when mayBlock). */
+    unmapGfnRangeOp: (asId: number, _slot: Memslot, s: number, e: number, mayBlock: boolean) => mmu.kvmTdpMmuUnmapGfnRangeOp(asId, s, e, mayBlock, false),
     /** kvm_age_gfn() → kvm_tdp_mmu_age_gfn_range. */
     ageGfnRange: (asId: number, _slot: Memslot, s: number, e: number) => mmu.ageGfnRange(asId, s, e, false),
     /** kvm_test_age_gfn() → kvm_tdp_mmu_test_age_gfn. */

@@ -998,13 +998,30 @@ export class TdpMmu {
 
   /**
    * kvm_tdp_mmu_unmap_gfn_range(): the notifier's unmap, mmu_lock held for write; roots of the
-   * address space including invalid ones (S2). Synchronous here: never yields (`may_block` is
-   * not honoured, a documented divergence).
+   * address space including invalid ones (S2). Synchronous: never yields, for notifier calls made
+   * synchronously; {@link kvmTdpMmuUnmapGfnRangeOp} is the form that honours `may_block`.
    */
   kvmTdpMmuUnmapGfnRange(asId: number, start: number, end: number, flushIn: boolean): boolean {
     let flush = flushIn
     for (const r of this.rootsWriteLocked(asId, this.hz.unmapSkipsInvalidRoots)) {
       flush = drain(this.tdpMmuZapLeafs(r, start, end, false, flush), this.sched, 'kvm_tdp_mmu_unmap_gfn_range')
+    }
+    return flush
+  }
+
+  /**
+   * kvm_tdp_mmu_unmap_gfn_range() with `range->may_block`, as KVM runs it: mmu_lock held for write;
+   * the yield-safe root iterator over the roots of the address space including invalid ones (S2),
+   * each holding a reference across yields; tdp_mmu_zap_leafs() with can_yield = `mayBlock`, which
+   * flushes what it zapped before dropping the lock. Returns the pending flush.
+   */
+  *kvmTdpMmuUnmapGfnRangeOp(asId: number, start: number, end: number, mayBlock: boolean, flushIn: boolean): KernelOp<boolean> {
+    this.vm.mmuLock.assertHeld('write')
+    let flush = flushIn
+    const owner = this.threadOwner()
+    const onlyValid = this.hz.unmapSkipsInvalidRoots
+    for (let r = yield* this.tdpMmuNextRoot(null, asId, onlyValid, owner); r !== null; r = yield* this.tdpMmuNextRoot(r, asId, onlyValid, owner)) {
+      flush = yield* this.tdpMmuZapLeafs(r, start, end, mayBlock, flush)
     }
     return flush
   }

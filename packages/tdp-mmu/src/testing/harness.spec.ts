@@ -13,7 +13,7 @@ export type Program = (cpu: Cpu) => Routine
 export const GUEST_MEM = 32 << 20
 
 /** Boot the guest OS on a tdp VM and run `program` on every vCPU. */
-export function runOnVm(vcpus: number, program: Program, options: { chaosSeed?: number; strategyOptions?: unknown; reschedProbability?: number; thp?: boolean } = {}) {
+export function runOnVm(vcpus: number, program: Program, options: { chaosSeed?: number; strategyOptions?: unknown; reschedProbability?: number; thp?: boolean; beforeRun?: (vm: Vm) => void } = {}) {
   const vm = new Vm({
     strategy: tdpStrategy,
     strategyOptions: options.strategyOptions,
@@ -24,6 +24,7 @@ export function runOnVm(vcpus: number, program: Program, options: { chaosSeed?: 
   vm.addMemory(0, GUEST_MEM, { thp: options.thp ?? false })
   const os = new GuestOs({ memBytes: GUEST_MEM, features: vm.features, ops: vm.vcpus.map((v) => v.guest.op), idt: vm.idt })
   for (const cpu of os.cpus) vm.spawnGuest(cpu.id, os.main(cpu, program))
+  options.beforeRun?.(vm)
   vm.run()
   return { vm, os, totals: os.totals(), stats: { ...os.stats } }
 }
