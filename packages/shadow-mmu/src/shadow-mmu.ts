@@ -752,6 +752,36 @@ export class ShadowMmu implements MmuInstance {
   }
 
   /** validate_direct_spte(): a direct child with other access must be replaced. */
+  /** Where {@link directDescend} stopped: the SP and index of the entry at the goal level. */
+  private descSp!: MmuPage
+  private descIdx = 0
+
+  /**
+   * The descent through direct shadow pages shared by FNAME(fetch)'s direct part and direct_map():
+   * from entry `idx` of `sp` (at `level`) down to `goal`, reusing present non-leaf children and
+   * creating the missing ones (kvm_mmu_get_child_sp + link_shadow_page). FNAME(fetch) first
+   * validates each direct SPTE against the guest's access (validate_direct_spte). Leaves the result
+   * in descSp/descIdx (no allocation on the fault path).
+   */
+  private directDescend(v: VcpuMmu, sp: MmuPage, idx: number, addr: number, gfn: number, level: number, goal: number, access: number, validate: boolean): void {
+    for (; level > goal; level--) {
+      if (validate) this.validateDirectSpte(sp, idx, access)
+      const lo = this.readSpte(sp.hpa + idx * 8)
+      const hi = this.mem.hi64
+      let child: MmuPage
+      if (isShadowPresentPte(lo) && !isLargePte(lo)) child = this.childOf(lo, hi)
+      else {
+        const baseGfn = gfn - (gfn % kvmPagesPerHpage(level))
+        child = this.kvmMmuGetShadowPage(v, baseGfn, this.childRole(sp.role, true, access))
+        this.linkShadowPage(sp, idx, child)
+      }
+      sp = child
+      idx = spteIndex(addr, level - 1)
+    }
+    this.descSp = sp
+    this.descIdx = idx
+  }
+
   private validateDirectSpte(parent: MmuPage, idx: number, access: number): void {
     const lo = this.readSpte(parent.hpa + idx * 8)
     const hi = this.mem.hi64
@@ -1687,20 +1717,9 @@ export class ShadowMmu implements MmuInstance {
     // The direct part: a guest huge page backed by smaller host mappings.
     const goal = this.hugepageAdjust(slot, gfn, w.level, hva)
     const direct = w.pteAccess
-    for (; level > goal; level--) {
-      this.validateDirectSpte(sp, idx, direct)
-      const lo = this.readSpte(sp.hpa + idx * 8)
-      const hi = this.mem.hi64
-      let child: MmuPage
-      if (isShadowPresentPte(lo) && !isLargePte(lo)) child = this.childOf(lo, hi)
-      else {
-        const baseGfn = gfn - (gfn % kvmPagesPerHpage(level))
-        child = this.kvmMmuGetShadowPage(v, baseGfn, this.childRole(sp.role, true, direct))
-        this.linkShadowPage(sp, idx, child)
-      }
-      sp = child
-      idx = spteIndex(addr, level - 1)
-    }
+    this.directDescend(v, sp, idx, addr, gfn, level, goal, direct, true)
+    sp = this.descSp
+    idx = this.descIdx
     const pages = kvmPagesPerHpage(goal)
     const baseGfn = gfn - (gfn % pages)
     const ret = this.mmuSetSpte(slot, sp, idx, pteAccess, baseGfn, pfn - (pfn % pages), { write, prefetch: false, hostWritable })
@@ -1820,22 +1839,10 @@ export class ShadowMmu implements MmuInstance {
       // direct_map()
       const maxLevel = this.config.tdp ? 3 : 2
       const goal = this.hugepageAdjust(slot, gfn, maxLevel, hva)
-      let sp = this.spOfHpa(v.root.hpa)
-      let level = sp.level
-      let idx = spteIndex(gpa, level)
-      for (; level > goal; level--) {
-        const lo = this.readSpte(sp.hpa + idx * 8)
-        const hi = this.mem.hi64
-        let child: MmuPage
-        if (isShadowPresentPte(lo) && !isLargePte(lo)) child = this.childOf(lo, hi)
-        else {
-          const baseGfn = gfn - (gfn % kvmPagesPerHpage(level))
-          child = this.kvmMmuGetShadowPage(v, baseGfn, this.childRole(sp.role, true, ACC_ALL))
-          this.linkShadowPage(sp, idx, child)
-        }
-        sp = child
-        idx = spteIndex(gpa, level - 1)
-      }
+      const root = this.spOfHpa(v.root.hpa)
+      this.directDescend(v, root, spteIndex(gpa, root.level), gpa, gfn, root.level, goal, ACC_ALL, false)
+      const sp = this.descSp
+      const idx = this.descIdx
       const pages = kvmPagesPerHpage(goal)
       const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, gfn - (gfn % pages), pfn - (pfn % pages), { write, prefetch: false, hostWritable })
       if (ret !== RET_PF_SPURIOUS && this.config.prefetch && goal === 1 && vm.notifierState.inProgress === 0) this.directPtePrefetch(v, sp, idx)
