@@ -187,4 +187,18 @@ describe('bad input', () => {
     expect(() => new Vm({ strategy: directMapStrategy, strategyOptions: { bogus: 1 } })).toThrow(/invalid options for MMU strategy 'direct-map'/)
     expect(() => new Vm({ strategy: directMapStrategy, vcpus: 0 })).toThrow(/vcpus must be an integer from 1 to 64/)
   })
+
+  it('addMemory with a rejected memslot leaves no host mapping behind', () => {
+    const vm = new Vm({ strategy: directMapStrategy as MmuStrategy, hostMemBytes: 64 << 20 })
+    vm.addMemory(0, 1 << 20)
+    const vmas = vm.host.listVmas().length
+    expect(() => vm.addMemory(0x80000, 1 << 20)).toThrow(expect.objectContaining({ code: 'EEXIST' }))
+    expect(() => vm.addMemory(0x200000, 1000)).toThrow(expect.objectContaining({ code: 'EINVAL' }))
+    expect(vm.host.listVmas().length).toBe(vmas)
+    expect(vm.memslots.space(0).sorted.length).toBe(1)
+    vm.addMemory(0x200000, 1 << 20) // still usable
+    expect(vm.memslots.space(0).sorted.length).toBe(2)
+    vm.destroy()
+  })
 })
+

@@ -108,19 +108,27 @@ export class Vm {
   addMemory(gpa: number, bytes: number, options: { slot?: number; asId?: number; thp?: boolean; flags?: number; readonly?: boolean } = {}): MemslotChange {
     const align = 2 ** 30
     const hva = Math.ceil(this.nextHva / align) * align + (gpa % align)
-    this.host.mmap(hva, bytes, { thp: options.thp ?? false, readonly: options.readonly ?? false })
-    this.nextHva = hva + bytes
-    const set = this.memslots.space(options.asId ?? 0)
+    const asId = options.asId ?? 0
+    const set = this.memslots.space(asId)
     let free = 0
     while (set.byId.has(free)) free++
-    return this.setUserMemoryRegion({
-      slot: options.slot ?? free,
-      asId: options.asId ?? 0,
-      flags: options.flags ?? 0,
-      guestPhysAddr: gpa,
-      memorySize: bytes,
-      userspaceAddr: hva,
-    })
+    this.host.mmap(hva, bytes, { thp: options.thp ?? false, readonly: options.readonly ?? false })
+    try {
+      const change = this.setUserMemoryRegion({
+        slot: options.slot ?? free,
+        asId,
+        flags: options.flags ?? 0,
+        guestPhysAddr: gpa,
+        memorySize: bytes,
+        userspaceAddr: hva,
+      })
+      this.nextHva = hva + bytes
+      return change
+    } catch (err) {
+      // A rejected memslot leaves nothing behind: undo the mapping made for it.
+      this.host.munmap(hva, bytes)
+      throw err
+    }
   }
 
   /**
