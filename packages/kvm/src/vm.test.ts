@@ -189,7 +189,7 @@ describe('bad input', () => {
   })
 
   it('addMemory with a rejected memslot leaves no host mapping behind', () => {
-    const vm = new Vm({ strategy: directMapStrategy as MmuStrategy, hostMemBytes: 64 << 20 })
+    const vm = new Vm({ strategy: directMapStrategy, hostMemBytes: 64 << 20 })
     vm.addMemory(0, 1 << 20)
     const vmas = vm.host.listVmas().length
     expect(() => vm.addMemory(0x80000, 1 << 20)).toThrow(expect.objectContaining({ code: 'EEXIST' }))
