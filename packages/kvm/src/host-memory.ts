@@ -289,6 +289,98 @@ function alignedDown(x: number, a: number): number {
 }
 
 /**
+ * The host's 4K mappings: per 2 MiB region a 512-entry table of pfn + 1 (0: unmapped) with the
+ * region's mapped count in entry 512, found through a Map by region plus a one-region cache (a
+ * populate walks one region at a time). A Map entry per 4K page was most of hva_to_pfn's cost.
+ */
+class Pte4kTables {
+  private readonly tables = new Map<number, Int32Array>()
+  private lastRegion = -1
+  private lastTable: Int32Array | null = null
+  /** Mapped 4K pages in all regions. */
+  size = 0
+
+  private table(region: number): Int32Array | undefined {
+    if (region === this.lastRegion) return this.lastTable!
+    const t = this.tables.get(region)
+    if (t !== undefined) {
+      this.lastRegion = region
+      this.lastTable = t
+    }
+    return t
+  }
+
+  /** pfn mapped at vpn, or -1. */
+  get(vpn: number): number {
+    const t = this.table(Math.floor(vpn / 512))
+    return t === undefined ? -1 : t[vpn % 512]! - 1
+  }
+
+  /** Map vpn to pfn (replacing any mapping). */
+  set(vpn: number, pfn: number): void {
+    const region = Math.floor(vpn / 512)
+    let t = this.table(region)
+    if (t === undefined) {
+      t = new Int32Array(513)
+      this.tables.set(region, t)
+      this.lastRegion = region
+      this.lastTable = t
+    }
+    const i = vpn % 512
+    if (t[i] === 0) {
+      t[512]!++
+      this.size++
+    }
+    t[i] = pfn + 1
+  }
+
+  /** Unmap vpn; returns its pfn or -1. */
+  delete(vpn: number): number {
+    const region = Math.floor(vpn / 512)
+    const t = this.table(region)
+    if (t === undefined) return -1
+    const i = vpn % 512
+    const v = t[i]!
+    if (v === 0) return -1
+    t[i] = 0
+    this.size--
+    t[512] = t[512]! - 1
+    if (t[512] === 0) {
+      this.tables.delete(region)
+      if (this.lastRegion === region) {
+        this.lastRegion = -1
+        this.lastTable = null
+      }
+    }
+    return v - 1
+  }
+
+  /** 4K mappings inside the 2 MiB region (one with any cannot get a THP). */
+  countIn(region: number): number {
+    const t = this.table(region)
+    return t === undefined ? 0 : t[512]!
+  }
+
+  /** The mapped vpns in [first, last), ascending. */
+  mappedIn(first: number, last: number): number[] {
+    const out: number[] = []
+    if (last <= first) return out
+    const r0 = Math.floor(first / 512)
+    const r1 = Math.floor((last - 1) / 512)
+    const visit = (r: number): void => {
+      const t = this.tables.get(r)
+      if (t === undefined) return
+      const lo = Math.max(first, r * 512)
+      const hi = Math.min(last, r * 512 + 512)
+      for (let vpn = lo; vpn < hi; vpn++) if (t[vpn - r * 512] !== 0) out.push(vpn)
+    }
+    if (r1 - r0 + 1 <= this.tables.size) for (let r = r0; r <= r1; r++) visit(r)
+    else for (const r of [...this.tables.keys()].filter((x) => x >= r0 && x <= r1).sort((a, b) => a - b)) visit(r)
+    return out
+  }
+}
+
+/**
  * A host process address space backing guest memory: VMAs, demand-faulted host page table and
  * MMU-notifier subscribers (each VM registers its {@link KvmMmuNotifier}).
  */
@@ -309,13 +401,11 @@ export class HostMemory {
   }
   private readonly vmas: Vma[] = []
   /** hva / 4K → pfn. */
-  private readonly pt4k = new Map<number, number>()
+  private readonly pt4k = new Pte4kTables()
   /** hva / 2M → first pfn of a 2M run. */
   private readonly pt2m = new Map<number, number>()
   /** hva / 1G → first pfn of a 1G run. */
   private readonly pt1g = new Map<number, number>()
-  /** hva / 2M → number of 4K mappings inside (a region with any cannot get a THP). */
-  private readonly small4kPer2m = new Map<number, number>()
   private readonly subscribers: MmuNotifierOps[] = []
   private readonly poisonFreed: boolean
 
@@ -407,7 +497,7 @@ export class HostMemory {
       }
     }
     const p = this.pt4k.get(Math.floor(hva / PAGE))
-    if (p === undefined) return -1
+    if (p < 0) return -1
     this.outLevel = PG_LEVEL_4K
     return p
   }
@@ -464,7 +554,7 @@ export class HostMemory {
     if (vma.thp) {
       const base = alignedDown(hva, SIZE_2M)
       const region = base / SIZE_2M
-      if (base >= vma.start && base + SIZE_2M <= vma.end && (this.small4kPer2m.get(region) ?? 0) === 0) {
+      if (base >= vma.start && base + SIZE_2M <= vma.end && this.pt4k.countIn(region) === 0) {
         const f = this.frames.allocOrder(ORDER_2M)
         if (f >= 0) {
           this.pt2m.set(region, f)
@@ -493,19 +583,11 @@ export class HostMemory {
 
   private map4k(vpn: number, pfn: number): void {
     this.pt4k.set(vpn, pfn)
-    const r = Math.floor(vpn / 512)
-    this.small4kPer2m.set(r, (this.small4kPer2m.get(r) ?? 0) + 1)
   }
 
   private unmap4k(vpn: number): number | undefined {
-    const pfn = this.pt4k.get(vpn)
-    if (pfn === undefined) return undefined
-    this.pt4k.delete(vpn)
-    const r = Math.floor(vpn / 512)
-    const n = (this.small4kPer2m.get(r) ?? 1) - 1
-    if (n === 0) this.small4kPer2m.delete(r)
-    else this.small4kPer2m.set(r, n)
-    return pfn
+    const pfn = this.pt4k.delete(vpn)
+    return pfn < 0 ? undefined : pfn
   }
 
   // ---- notifier plumbing ----
@@ -610,13 +692,7 @@ export class HostMemory {
   }
 
   private forEachMapped4k(start: number, end: number, fn: (vpn: number) => void): void {
-    const first = start / PAGE
-    const last = end / PAGE
-    if (last - first <= this.pt4k.size) {
-      for (let vpn = first; vpn < last; vpn++) if (this.pt4k.has(vpn)) fn(vpn)
-    } else {
-      for (const vpn of [...this.pt4k.keys()]) if (vpn >= first && vpn < last) fn(vpn)
-    }
+    for (const vpn of this.pt4k.mappedIn(start / PAGE, end / PAGE)) fn(vpn)
   }
 
   /**
@@ -744,10 +820,10 @@ export class HostMemory {
       order = ORDER_2M
       base = r * SIZE_2M
       oldFirst = this.pt2m.get(r)!
-    } else if (this.pt4k.has(vpn)) {
+    } else if (this.pt4k.get(vpn) >= 0) {
       order = 0
       base = vpn * PAGE
-      oldFirst = this.pt4k.get(vpn)!
+      oldFirst = this.pt4k.get(vpn)
     } else return null
     const n = 2 ** order
     const newFirst = this.frames.allocOrder(order)

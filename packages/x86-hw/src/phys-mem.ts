@@ -19,10 +19,11 @@ const NO_WORDS = new Uint32Array(0)
  * Backing chunks given back by {@link PhysMem.releaseStorage} (a destroyed VM), reused by later
  * PhysMems in this process. A fresh chunk costs the OS a page fault plus zeroing per 4 KiB on
  * first store, which was most of a populate run's wall time; a recycled one is already resident.
- * `dirtySlots`: frames at its start that may hold old data (zeroed when a frame is next backed).
+ * Pooled chunks are all zero: releaseStorage clears the slots it used in one sequential fill
+ * (cheaper than 4 KiB at a time, and it keeps the clearing out of the next VM's run).
  * Capped so that a process keeps at most POOL_MAX_CHUNKS × 64 MiB of idle storage.
  */
-const chunkPool: { words: Uint32Array; dirtySlots: number }[] = []
+const chunkPool: Uint32Array[] = []
 const POOL_MAX_CHUNKS = 8
 
 /** Options of a {@link PhysMem}. */
@@ -52,8 +53,6 @@ export class PhysMem {
   private chunk0: Uint32Array = NO_WORDS
   private readonly freeSlots: number[] = []
   private nextSlot = 0
-  /** Per chunk: leading slots that may hold stale data from a recycled chunk (see chunkPool). */
-  private readonly chunkDirty: number[] = []
   /** Frames that currently have storage. */
   backedFrames = 0
 
@@ -283,20 +282,14 @@ export class PhysMem {
     else {
       slot = this.nextSlot++
       if ((slot & (CHUNK_FRAMES - 1)) === 0) {
-        const pooled = chunkPool.pop()
-        this.chunks.push(pooled?.words ?? new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
-        this.chunkDirty.push(pooled?.dirtySlots ?? 0)
+        // Never-used slots are zero: fresh from the OS, or cleared by releaseStorage.
+        this.chunks.push(chunkPool.pop() ?? new Uint32Array(CHUNK_FRAMES * WORDS_PER_FRAME))
         this.chunk0 = this.chunks[0]!
       }
-      // A never-used slot of a recycled chunk: clear what the previous owner left there.
-      const inChunk = slot & (CHUNK_FRAMES - 1)
-      if (inChunk < this.chunkDirty[slot >>> CHUNK_SHIFT]!) {
-        this.chunks[slot >>> CHUNK_SHIFT]!.fill(0, inChunk << 10, (inChunk + 1) << 10)
-      }
     }
+    // No hint holds this frame (hints hold backed frames only), so none is dropped.
     this.slotOf[frame] = slot + 1
     this.backedFrames++
-    this.hintFrame.fill(-1)
     return slot + 1
   }
 
@@ -310,12 +303,14 @@ export class PhysMem {
     for (let f = 0; f < slotOf.length; f++) if (slotOf[f]! > 0) slotOf[f] = 0
     for (let i = 0; i < this.chunks.length; i++) {
       if (chunkPool.length >= POOL_MAX_CHUNKS) break
-      // Slots handed out from this chunk (all of it unless it is the last one).
+      // Slots handed out from this chunk (all of it unless it is the last one); freed slots were
+      // cleared when they were freed, so the used prefix is all that can hold data.
       const used = Math.min(CHUNK_FRAMES, this.nextSlot - i * CHUNK_FRAMES)
-      chunkPool.push({ words: this.chunks[i]!, dirtySlots: Math.max(used, this.chunkDirty[i]!) })
+      const words = this.chunks[i]!
+      words.fill(0, 0, used * WORDS_PER_FRAME)
+      chunkPool.push(words)
     }
     this.chunks.length = 0
-    this.chunkDirty.length = 0
     this.chunk0 = NO_WORDS
     this.locBuf = NO_WORDS
     this.freeSlots.length = 0
