@@ -312,8 +312,10 @@ class Pte4kTables {
 
   /** pfn mapped at vpn, or -1. */
   get(vpn: number): number {
-    const t = this.table(Math.floor(vpn / 512))
-    return t === undefined ? -1 : t[vpn % 512]! - 1
+    // vpn exceeds 2^31 (HVAs are near 2^47): `vpn % 512` would be a floating-point remainder.
+    const region = Math.floor(vpn / 512)
+    const t = this.table(region)
+    return t === undefined ? -1 : t[vpn - region * 512]! - 1
   }
 
   /** Map vpn to pfn (replacing any mapping). */
@@ -326,7 +328,7 @@ class Pte4kTables {
       this.lastRegion = region
       this.lastTable = t
     }
-    const i = vpn % 512
+    const i = vpn - region * 512
     if (t[i] === 0) {
       t[512]!++
       this.size++
@@ -339,7 +341,7 @@ class Pte4kTables {
     const region = Math.floor(vpn / 512)
     const t = this.table(region)
     if (t === undefined) return -1
-    const i = vpn % 512
+    const i = vpn - region * 512
     const v = t[i]!
     if (v === 0) return -1
     t[i] = 0
@@ -481,19 +483,22 @@ export class HostMemory {
   }
 
   /** {@link lookup} without allocating: the pfn (level in `outLevel`), or -1 if unmapped. */
-  private lookupPfn(hva: number): number {
+  lookupPfn(hva: number): number {
+    // `hva - g * SIZE` rather than `hva % SIZE`: HVAs are beyond 2^31, where % is a C call.
     if (this.pt1g.size > 0) {
-      const p1 = this.pt1g.get(Math.floor(hva / SIZE_1G))
+      const g = Math.floor(hva / SIZE_1G)
+      const p1 = this.pt1g.get(g)
       if (p1 !== undefined) {
         this.outLevel = PG_LEVEL_1G
-        return p1 + Math.floor((hva % SIZE_1G) / PAGE)
+        return p1 + Math.floor((hva - g * SIZE_1G) / PAGE)
       }
     }
     if (this.pt2m.size > 0) {
-      const p2 = this.pt2m.get(Math.floor(hva / SIZE_2M))
+      const r = Math.floor(hva / SIZE_2M)
+      const p2 = this.pt2m.get(r)
       if (p2 !== undefined) {
         this.outLevel = PG_LEVEL_2M
-        return p2 + Math.floor((hva % SIZE_2M) / PAGE)
+        return p2 + Math.floor((hva - r * SIZE_2M) / PAGE)
       }
     }
     const p = this.pt4k.get(Math.floor(hva / PAGE))
