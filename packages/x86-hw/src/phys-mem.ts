@@ -301,7 +301,9 @@ export class PhysMem {
   releaseStorage(): void {
     const slotOf = this.slotOf
     for (let f = 0; f < slotOf.length; f++) if (slotOf[f]! > 0) slotOf[f] = 0
-    for (let i = 0; i < this.chunks.length; i++) {
+    // Last chunk first, so that chunk 0 (the most used: its pages are resident) is reused first;
+    // a barely used chunk handed out first would make the next VM pay the OS's first-touch faults.
+    for (let i = this.chunks.length - 1; i >= 0; i--) {
       if (chunkPool.length >= POOL_MAX_CHUNKS) break
       // Slots handed out from this chunk (all of it unless it is the last one); freed slots were
       // cleared when they were freed, so the used prefix is all that can hold data.
