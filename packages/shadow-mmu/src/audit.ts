@@ -190,6 +190,17 @@ export function auditShadowMmu(mmu: ShadowMmu, limit = 50): string[] {
   for (const v of mmu.vcpuMmus) {
     for (const r of [v.root, ...v.prevRoots]) {
       if (r.hpa < 0) continue
+      if (mmu.kvmMmuIsDummyRoot(r.hpa)) {
+        // The dummy root is never cached (fast_pgd_switch frees it) and must stay all zeros.
+        if (r !== v.root) bad(`(11) vCPU ${v.vcpu.id} caches the dummy root as a previous root`)
+        for (let i = 0; i < 512; i++) {
+          if ((mem.read64(r.hpa + i * 8) | mem.hi64) !== 0) {
+            bad(`the dummy root has a non-zero entry ${i}`)
+            break
+          }
+        }
+        continue
+      }
       const sp = mmu.pageByPfn.get(r.hpa / 4096)
       if (sp === undefined) {
         bad(`(11) vCPU ${v.vcpu.id} holds root 0x${r.hpa.toString(16)} that is no shadow page`)

@@ -7,12 +7,17 @@
  * derived from the walk's path.
  */
 import {
+  ACC_FETCH,
   ACC_WRITE,
   type AccessKind,
   type CpuState,
   type NestedTranslator,
   PagingContext,
+  PFERR_I,
+  PFERR_U,
+  PFERR_W,
   walk,
+  WALK_EXIT,
   WALK_OK,
   WALK_PF,
   WalkResult,
@@ -28,10 +33,21 @@ import { ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK } from './mmu-pag
 class GptTranslator implements NestedTranslator {
   readonly ptAccessIsWrite = false
   gm: GuestMemory | null = null
+  /**
+   * KVM's rule for a table no visible memslot backs (`!kvm_is_visible_memslot(slot)` or a failed
+   * `get_user()` → `goto error`): the walk stops (-1). Off: the table reads as open bus.
+   * A/D updates are never failures: KVM skips them for tables it cannot write.
+   */
+  kvmUnbacked = false
 
   translate(gpa: number, kind: AccessKind, final: boolean, res: WalkResult): number {
     if (final) return gpa
-    return this.gm!.translate(gpa, kind, false, res)
+    const gm = this.gm!
+    if (this.kvmUnbacked && kind !== ACC_WRITE) {
+      const hpa = gm.gpaToHpa(gpa, false)
+      return hpa >= 0 ? hpa : -1
+    }
+    return gm.translate(gpa, kind, false, res)
   }
 }
 
@@ -64,8 +80,14 @@ export class GuestWalker {
   private ctxGen = -1
   private readonly translator = new GptTranslator()
 
-  constructor(vcpu: KvmVcpu) {
+  /**
+   * `unbackedTables`: how a guest table at a GPA without a visible memslot reads — `open-bus`
+   * (all ones, the walk faults with RSVD as on bare metal) or `kvm` (the walk fails as not present,
+   * FNAME(walk_addr_generic)'s `!kvm_is_visible_memslot(slot)` → `goto error`).
+   */
+  constructor(vcpu: KvmVcpu, unbackedTables: 'open-bus' | 'kvm' = 'open-bus') {
     this.ctx = new PagingContext({ ...vcpu.hw.features, nonLeafAOnDescent: false })
+    this.translator.kvmUnbacked = unbackedTables === 'kvm'
   }
 
   /** Bring the private context up to date with the vCPU's (after CR0/CR3/CR4/EFER changes). */
@@ -93,8 +115,12 @@ export class GuestWalker {
     const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res)
     if (st !== WALK_OK) {
       // A guest table outside guest memory reads as open bus (GuestMemory.translate): all ones,
-      // so the walk fails with RSVD like on bare metal. (KVM proper fails it as not present.)
-      this.errorCode = st === WALK_PF ? res.errorCode : 0
+      // so the walk fails with RSVD like on bare metal. With `unbackedTables: 'kvm'` the table
+      // read fails instead (WALK_EXIT) and, as in KVM's `error:` label, only the access bits are
+      // reported: W and U from the access, I for a fetch when NX or SMEP is on (has_pferr_fetch).
+      if (st === WALK_PF) this.errorCode = res.errorCode
+      else if (st === WALK_EXIT) this.errorCode = (errorCode & (PFERR_W | PFERR_U)) | (kind === ACC_FETCH && (ctx.nxe || ctx.smep) ? PFERR_I : 0)
+      else this.errorCode = 0
       return false
     }
     const top = ctx.levels

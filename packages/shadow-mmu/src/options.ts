@@ -15,6 +15,30 @@ const common = {
   unsyncWalk: z.enum(['mainline', 'seed-003']).default('mainline'),
   /** Run audit() at the end of every MMU operation and throw on a violation (tests). */
   auditEveryOp: z.boolean().default(false),
+  /**
+   * How a write fault on a write-protected shadowed gfn is reported. `write-protected` (≥6.12):
+   * the fault path returns RET_PF_WRITE_PROTECTED and kvm_mmu_page_fault() decides between
+   * unprotect-and-retry and emulation in kvm_mmu_write_protect_fault(). `emulate` (≤6.11): the
+   * fault path returns RET_PF_EMULATE, and kvm_mmu_page_fault() unprotects the gfn and retries
+   * every direct-MMU fault whose error code says "write to a guest page table"
+   * (PFERR_NESTED_GUEST_PAGE), whether or not a shadow page was zapped.
+   */
+  writeProtectedFault: z.enum(['write-protected', 'emulate']).default('write-protected'),
+  /**
+   * A guest page table at a GPA no visible memslot backs (including a CR3 outside guest memory,
+   * which gets the dummy root). `open-bus` (default): FNAME(walk_addr_generic) reads it as the
+   * bus does on bare metal — all ones — so the walk fails with #PF(P|RSVD) exactly as on the
+   * reference machine. `kvm`: KVM's own behaviour — `!kvm_is_visible_memslot(slot)` fails the
+   * walk as not present, #PF with only the W/U/I bits.
+   */
+  unbackedGuestTables: z.enum(['open-bus', 'kvm']).default('open-bus'),
+  /**
+   * KVM_X86_QUIRK_SLOT_ZAP_ALL (on by default in KVM): deleting or moving a memslot zaps every
+   * shadow page (kvm_mmu_zap_all_fast). Off (≥6.12, a VMM that disabled the quirk): only the
+   * slot's leaf SPTEs and the shadow pages of its gfns go (kvm_mmu_zap_memslot), roots elsewhere
+   * stay valid.
+   */
+  slotZapAll: z.boolean().default(true),
 }
 
 /** Options of the `shadow` strategy. */
@@ -44,6 +68,9 @@ export interface MmuConfig {
   pageQuota: number
   unsyncWalk: 'mainline' | 'seed-003'
   auditEveryOp: boolean
+  writeProtectedFault: 'write-protected' | 'emulate'
+  unbackedGuestTables: 'open-bus' | 'kvm'
+  slotZapAll: boolean
   eptLevels: 4 | 5
   eptAdBits: boolean
   fastPageFault: boolean

@@ -7,12 +7,15 @@
  * by its host-physical address (`sptep`); SPTEs are read and written as two 32-bit halves.
  */
 import {
+  ACC_WRITE,
   CR0_WP,
   CR4_SMAP,
   CR4_SMEP,
   EFER_NXE,
   EptTranslator,
+  EXIT_EPT_MISCONFIG,
   MODE_TDP,
+  OP_BATCH,
   PAGING_NONE,
   PFERR_P,
   PFERR_RSVD,
@@ -50,13 +53,18 @@ import {
   type MemslotChange,
   type MmuInstance,
   type PageFault,
+  PFERR_GUEST_PAGE,
   RET_PF_EMULATE,
   RET_PF_FIXED,
+  RET_PF_INVALID,
   RET_PF_RETRY,
   RET_PF_SPURIOUS,
+  RET_PF_WRITE_PROTECTED,
   type RetPf,
   type Spte64,
   type SpteFormat,
+  checkMmioSpte,
+  getMmioSpteGfn,
   spteAdEnabled,
   spteToPfn,
   updateGfnDisallowLpageCount,
@@ -153,10 +161,17 @@ export class VcpuMmu {
   readonly walker: GuestWalker
   /** Legacy TDP: translator per root hpa. */
   translator: EptTranslator | null = null
+  /**
+   * `vcpu->arch.last_retry_eip` / `last_retry_addr`: the instruction (see {@link kvmRipRead}) and
+   * address of the last unprotect-and-retry, so the same fault is emulated instead of retried
+   * forever. (vCPU state in KVM; kept here because only the MMU reads and writes it.)
+   */
+  lastRetryEip = 0
+  lastRetryAddr = 0
 
-  constructor(vcpu: KvmVcpu) {
+  constructor(vcpu: KvmVcpu, unbackedTables: 'open-bus' | 'kvm' = 'open-bus') {
     this.vcpu = vcpu
-    this.walker = new GuestWalker(vcpu)
+    this.walker = new GuestWalker(vcpu, unbackedTables)
   }
 }
 
@@ -206,7 +221,23 @@ export class ShadowMmu implements MmuInstance {
     trackWrites: 0,
     fastFixed: 0,
     sptesWrittenProtected: 0,
+    /** Faults that returned RET_PF_WRITE_PROTECTED from the fault path (≥6.12 model). */
+    writeProtectedFaults: 0,
+    /** Faults kvm_mmu_write_protect_fault() / the ≤6.11 check resolved by unprotect-and-retry. */
+    unprotectRetries: 0,
+    /** Dummy roots loaded (a guest root gfn without a visible memslot). */
+    dummyRootLoads: 0,
+    /** SPTEs zapped by kvm_mmu_zap_collapsible_spte() (dirty logging turned off). */
+    collapsibleSptesZapped: 0,
   }
+  /**
+   * The dummy root (`kvm_mmu_get_dummy_root()`: the host's zero page): a host frame that is never
+   * written, so every translation through it is a not-present fault and exits. Allocated on first
+   * use, freed at VM teardown; it is not a shadow page (not counted as an MMU page table).
+   */
+  private dummyRootHpa = INVALID_PAGE
+  /** What the fault path returns for a write refused by write protection (per `writeProtectedFault`). */
+  private readonly retPfWriteProtected: RetPf
   private readonly slotKey: string
   /** Slots removed by a memslot update whose SPTEs may still be zapped (delete/move in flight). */
   private readonly retiredSlots: Memslot[] = []
@@ -231,6 +262,7 @@ export class ShadowMmu implements MmuInstance {
     this.slotKey = config.name
     this.nRequestedMmuPages = config.pageQuota
     if (config.pageQuota > 0) this.nMaxMmuPages = config.pageQuota
+    this.retPfWriteProtected = config.writeProtectedFault === 'emulate' ? RET_PF_EMULATE : RET_PF_WRITE_PROTECTED
   }
 
   // ================================================================== helpers
@@ -339,13 +371,28 @@ export class ShadowMmu implements MmuInstance {
   // ================================================================== MmuInstance: vCPUs and roots
 
   vcpuCreate(vcpu: KvmVcpu): void {
-    const v = new VcpuMmu(vcpu)
+    const v = new VcpuMmu(vcpu, this.config.unbackedGuestTables)
     this.vcpuMmus[vcpu.id] = v
     this.initMmu(v)
   }
 
   hasValidRoot(vcpu: KvmVcpu): boolean {
     return this.vmmu(vcpu).root.hpa !== INVALID_PAGE
+  }
+
+  /** kvm_mmu_get_dummy_root(): the zero page, allocated on first use. */
+  kvmMmuGetDummyRoot(): number {
+    if (this.dummyRootHpa === INVALID_PAGE) {
+      const f = this.vm.host.frames.alloc()
+      if (f < 0) throw new KvmError('ENOMEM', 'host memory exhausted allocating the dummy root (the zero page); give the VM more hostMemBytes')
+      this.dummyRootHpa = f * 4096
+    }
+    return this.dummyRootHpa
+  }
+
+  /** kvm_mmu_is_dummy_root(). */
+  kvmMmuIsDummyRoot(hpa: number): boolean {
+    return hpa !== INVALID_PAGE && hpa === this.dummyRootHpa
   }
 
   /**
@@ -399,11 +446,16 @@ export class ShadowMmu implements MmuInstance {
         // mmu_alloc_shadow_roots()
         const pgd = vcpu.hw.state.cr3
         const rootGfn = Math.floor(vcpu.hw.ctx.root / 4096)
-        if (!kvmIsVisibleMemslot(this.slotForGfn(vcpu.asId, rootGfn))) {
-          throw new KvmError('EFAULT', `shadow-mmu: guest CR3 0x${pgd.toString(16)} is not in guest memory (KVM would use the dummy root)`)
+        if (!kvmIsVisibleMemslot(this.vm.memslots.gfnToMemslot(vcpu.asId, rootGfn))) {
+          // kvm_vcpu_is_visible_gfn() failed: load the dummy root (root.pgd is left as is). Every
+          // access faults; FNAME(page_fault) then injects the guest's #PF, or — once a memslot
+          // makes the table visible — FNAME(fetch) drops the dummy root and retries.
+          v.root.hpa = this.kvmMmuGetDummyRoot()
+          this.counters.dummyRootLoads++
+        } else {
+          v.root.hpa = this.mmuAllocRoot(v, rootGfn, v.guestLevels)
+          v.root.pgd = pgd
         }
-        v.root.hpa = this.mmuAllocRoot(v, rootGfn, v.guestLevels)
-        v.root.pgd = pgd
       }
     } finally {
       vm.mmuLock.writeUnlock()
@@ -428,7 +480,7 @@ export class ShadowMmu implements MmuInstance {
       }
       return
     }
-    const levels: 4 | 5 = this.spOfHpa(hpa).level === 5 ? 5 : 4
+    const levels: 4 | 5 = (this.kvmMmuIsDummyRoot(hpa) ? v.rootRole & 0xf : this.spOfHpa(hpa).level) === 5 ? 5 : 4
     if (hw.shadowLevels !== levels) hw.setShadowMode(this.mem, 1, levels)
     hw.loadShadowRoot(hpa)
   }
@@ -462,7 +514,13 @@ export class ShadowMmu implements MmuInstance {
     yield* this.vm.mmuLock.writeLock()
     const invalid = new PageList('invalid_list')
     for (let i = 0; i < KVM_MMU_NUM_PREV_ROOTS; i++) if ((rootsToFree & kvmMmuRootPrevious(i)) !== 0) this.mmuFreeRootPage(v.prevRoots[i]!, invalid)
-    if (freeActive) this.mmuFreeRootPage(v.root, invalid)
+    if (freeActive) {
+      if (this.kvmMmuIsDummyRoot(v.root.hpa)) {
+        // Nothing to clean up for the dummy root.
+        v.root.hpa = INVALID_PAGE
+        v.root.pgd = 0
+      } else this.mmuFreeRootPage(v.root, invalid)
+    }
     this.kvmMmuCommitZapPage(invalid)
     this.vm.mmuLock.writeUnlock()
   }
@@ -496,6 +554,9 @@ export class ShadowMmu implements MmuInstance {
     // The role may have to follow a paging-mode change that arrives through CR3 alone (never, on x86).
     const role = v.rootRole
     let found = false
+    // fast_pgd_switch(): a current root not backed by a shadow page (the dummy root) is never
+    // cached; free it first.
+    if (v.root.hpa !== INVALID_PAGE && !this.pageByPfn.has(v.root.hpa / 4096)) yield* this.kvmMmuFreeRoots(v, KVM_MMU_ROOT_CURRENT)
     if (v.root.hpa !== INVALID_PAGE) {
       // cached_root_find_and_keep_current()
       if (this.isRootUsable(v.root, cr3, role)) found = true
@@ -561,7 +622,9 @@ export class ShadowMmu implements MmuInstance {
 
   /** __kvm_mmu_invalidate_addr(): sync the one SPTE for `addr` in every unsync page on the path. */
   private *invalidateAddrRoot(v: VcpuMmu, addr: number, rootHpa: number): KernelOp {
-    if (rootHpa === INVALID_PAGE) return
+    // The dummy root has no entries (and no shadow page) to sync. In KVM a vCPU on the dummy root
+    // cannot even fetch an INVLPG; the modelled guest ops need no fetch.
+    if (rootHpa === INVALID_PAGE || this.kvmMmuIsDummyRoot(rootHpa)) return
     yield* this.vm.mmuLock.writeLock()
     try {
       let sp = this.spOfHpa(rootHpa)
@@ -586,9 +649,12 @@ export class ShadowMmu implements MmuInstance {
 
   /** is_unsync_root(). */
   private isUnsyncRoot(hpa: number): boolean {
-    if (hpa === INVALID_PAGE) return false
+    if (hpa === INVALID_PAGE || this.kvmMmuIsDummyRoot(hpa)) return false
     const sp = this.pageByPfn.get(hpa / 4096)
-    if (sp === undefined) return false
+    if (sp === undefined) {
+      this.warn(`is_unsync_root: root 0x${hpa.toString(16)} is no shadow page`)
+      return false
+    }
     return sp.unsync || sp.unsyncChildren !== 0
   }
 
@@ -985,8 +1051,9 @@ export class ShadowMmu implements MmuInstance {
   }
 
   /**
-   * mmu_set_spte(): install the leaf for `pfn` at `sp[idx]`. Returns RET_PF_FIXED, _SPURIOUS or
-   * _EMULATE (the write was refused because the gfn is a write-protected shadowed table).
+   * mmu_set_spte(): install the leaf for `pfn` at `sp[idx]`. Returns RET_PF_FIXED, _SPURIOUS,
+   * _EMULATE (no memslot: an MMIO SPTE) or _WRITE_PROTECTED (the write was refused because the gfn
+   * is a write-protected shadowed table; RET_PF_EMULATE with `writeProtectedFault: 'emulate'`).
    */
   private mmuSetSpte(slot: Memslot | null, sp: MmuPage, idx: number, access: number, gfn: number, pfn: number, fault: SetSpteFault): RetPf {
     const sptep = sp.hpa + idx * 8
@@ -1025,7 +1092,7 @@ export class ShadowMmu implements MmuInstance {
       this.writeSpte(sptep, s.lo, s.hi)
       this.vm.sched.charge(this.costs.memoryRef)
     }
-    if (this.wrprot && fault.write) ret = RET_PF_EMULATE
+    if (this.wrprot && fault.write) ret = this.retPfWriteProtected
     if (flush) this.vm.flushRemoteTlbs()
     if (!wasRmapped) {
       if (ret === RET_PF_SPURIOUS) this.warn('mmu_set_spte: spurious fault on an unmapped SPTE')
@@ -1253,9 +1320,20 @@ export class ShadowMmu implements MmuInstance {
     return false
   }
 
-  /** FNAME(sync_spte)(). Returns 0, 1 (flush), or -1 (unreadable gPTE). */
+  /**
+   * kvm_sync_spte() → FNAME(sync_spte)(): re-read the gPTE of entry `i` and bring the SPTE in line.
+   * Returns 0, 1 (flush), or -1 (unreadable gPTE). A never-used entry is skipped; an invalid gPTE
+   * drops the SPTE; an MMIO SPTE is cleared if the gfn moved, else re-marked with the new access
+   * and the current generation (sync_mmio_spte()); a present SPTE whose gfn moved is dropped.
+   */
   private syncSpte(v: VcpuMmu, sp: MmuPage, i: number): number {
-    if (sp.direct || sp.shadowedGfn === null) return 0
+    const sptep = sp.hpa + i * 8
+    // kvm_sync_spte(): the entry still has the value the page was allocated with.
+    if ((this.readSpte(sptep) | this.mem.hi64) === 0) return 0
+    if (sp.direct || sp.shadowedGfn === null) {
+      this.warn(`sync_spte on ${sp.toString()}, which has no gPTEs`)
+      return 0
+    }
     this.counters.syncSptes++
     v.walker.refresh(v.vcpu)
     if (!this.readGpteAtomic(v.vcpu.guestMem, sp.gfn * 4096 + i * 8)) return -1
@@ -1265,14 +1343,18 @@ export class ShadowMmu implements MmuInstance {
     const gfn = Math.floor(((gLo & 0xfffff000) >>> 0) / 4096) + (gHi & v.walker.ctx.hiAddrMask) * 0x100000
     let access = roleAccess(sp.role) & gpteAccessOf(gLo, gHi, v.walker.ctx.nxe)
     if ((gLo & 0x40) === 0) access &= ~ACC_WRITE_MASK // protect_clean_gpte
-    const sptep = sp.hpa + i * 8
     const lo = this.readSpte(sptep)
     const hi = this.mem.hi64
-    if (!isShadowPresentPte(lo)) {
+    if (isMmioSpte(this.fmt, lo, hi)) {
       // sync_mmio_spte()
-      if (isMmioSpte(this.fmt, lo, hi)) this.writeSpte(sptep, 0, 0)
+      if (gfn !== getMmioSpteGfn(this.fmt, lo, hi)) this.writeSpte(sptep, 0, 0)
+      else {
+        const m = makeMmioSpte(this.spte, this.fmt, gfn, access, this.vm.memslots.space(this.asIdOf(sp)).generation)
+        this.writeSpte(sptep, m.lo, m.hi)
+      }
       return 0
     }
+    if (!isShadowPresentPte(lo)) return 0
     if (gfn !== this.spGetGfn(sp, i)) {
       this.dropSpte(sp, i)
       return 1
@@ -1522,7 +1604,7 @@ export class ShadowMmu implements MmuInstance {
     this.kvmMmuCommitZapPage(this.zappedObsoletePages)
   }
 
-  /** kvm_mmu_unprotect_page(): zap every shadow page of `gfn`. */
+  /** kvm_mmu_unprotect_page(): zap every shadow page of `gfn` (caller holds mmu_lock for write). */
   kvmMmuUnprotectPage(asId: number, gfn: number): boolean {
     const invalid = new PageList('invalid_list')
     let r = false
@@ -1537,25 +1619,134 @@ export class ShadowMmu implements MmuInstance {
 
   // ================================================================== page faults
 
-  /** kvm_mmu_page_fault() → the MMU's page_fault hook. */
+  /**
+   * kvm_mmu_page_fault(): the MMIO fast path for reserved-bit faults, else the MMU's page_fault
+   * hook; a RET_PF_WRITE_PROTECTED from it is resolved by kvm_mmu_write_protect_fault() into
+   * RET_PF_RETRY (unprotected) or RET_PF_EMULATE. With `writeProtectedFault: 'emulate'` (≤6.11) the
+   * hook returns RET_PF_EMULATE itself and a direct MMU unprotects and retries every emulation
+   * whose error code is PFERR_NESTED_GUEST_PAGE.
+   */
   *pageFault(vcpu: KvmVcpu, fault: PageFault): KernelOp<RetPf> {
     const v = this.vmmu(vcpu)
     let r: RetPf
     if (v.root.hpa === INVALID_PAGE) r = RET_PF_RETRY
-    else if ((fault.errorCode & PFERR_RSVD) !== 0 || (this.config.tdp && fault.exitReason === 49)) {
-      // handle_mmio_page_fault(): only MMIO SPTEs have reserved bits set.
-      r = RET_PF_EMULATE
-    } else if (v.direct) r = yield* this.directPageFault(v, fault)
-    else r = yield* this.shadowPageFault(v, fault)
+    else {
+      r = RET_PF_INVALID
+      if ((fault.errorCode & PFERR_RSVD) !== 0 || (this.config.tdp && fault.exitReason === EXIT_EPT_MISCONFIG)) r = this.handleMmioPageFault(v, fault.addr)
+      if (r === RET_PF_INVALID) {
+        r = v.direct ? yield* this.directPageFault(v, fault) : yield* this.shadowPageFault(v, fault)
+        if (r === RET_PF_WRITE_PROTECTED) {
+          this.counters.writeProtectedFaults++
+          r = yield* this.kvmMmuWriteProtectFault(v, fault)
+        } else if (r === RET_PF_EMULATE && this.config.writeProtectedFault === 'emulate' && v.direct && isWriteToGuestPageTable(fault.errorCode)) {
+          // ≤6.11: "a RO violation while translating the guest page" — unprotect, resume the guest,
+          // whether or not anything was unprotected.
+          yield* this.vm.mmuLock.writeLock()
+          try {
+            this.kvmMmuUnprotectPage(vcpu.asId, Math.floor(fault.addr / 4096))
+          } finally {
+            this.vm.mmuLock.writeUnlock()
+          }
+          this.counters.unprotectRetries++
+          r = RET_PF_RETRY
+        }
+      }
+    }
     this.check()
     return r
   }
 
-  /** is_page_fault_stale(). */
+  /**
+   * handle_mmio_page_fault(): a reserved-bit fault (EPT misconfiguration) comes from an MMIO SPTE.
+   * Walk to the last SPTE for `addr` without the lock: an MMIO SPTE of the current memslot
+   * generation is emulated; one of an older generation (a memslot was created or changed since)
+   * goes to the slow path (RET_PF_INVALID), which maps the gfn anew; no MMIO SPTE (zapped
+   * meanwhile) retries.
+   */
+  private handleMmioPageFault(v: VcpuMmu, addr: number): RetPf {
+    const hpa = v.root.hpa
+    if (this.kvmMmuIsDummyRoot(hpa)) return RET_PF_RETRY
+    let sp = this.pageByPfn.get(hpa / 4096)
+    let lo = 0
+    let hi = 0
+    while (sp !== undefined) {
+      lo = this.readSpte(sp.hpa + spteIndex(addr, sp.level) * 8)
+      hi = this.mem.hi64
+      if (!isShadowPresentPte(lo) || sp.level === 1 || isLargePte(lo)) break
+      sp = this.childOf(lo, hi)
+    }
+    if (!isMmioSpte(this.fmt, lo, hi)) return RET_PF_RETRY
+    const set = this.vm.memslots.space(v.vcpu.asId)
+    return checkMmioSpte(lo, hi, set.generation, set.updateInProgress) ? RET_PF_EMULATE : RET_PF_INVALID
+  }
+
+  /**
+   * kvm_mmu_write_protect_fault(): a write hit a gfn KVM write-protects to shadow a guest page
+   * table. Emulate at once when this instruction and address were unprotected and retried before
+   * (last_retry_eip/addr: retrying again could loop forever); else clear that record and, for a
+   * direct MMU whose fault was a write to a guest page table (PFERR_GUEST_PAGE|W|P, nested TDP)
+   * or an indirect MMU with an event awaiting reinjection, unprotect the gfn and retry if a shadow
+   * page was zapped. Otherwise emulate, allowing the emulator to unprotect and retry
+   * (EMULTYPE_ALLOW_RETRY_PF) — which x86_emulate_instruction() does only for instructions that do
+   * not write page tables (!x86_page_table_writing_insn()); every write the modelled ISA has (MOV,
+   * CMPXCHG8B, batched MOVs) is one that does, so it emulates.
+   */
+  *kvmMmuWriteProtectFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
+    const vcpu = v.vcpu
+    if (v.lastRetryEip === kvmRipRead(vcpu) && v.lastRetryAddr === f.addr) return RET_PF_EMULATE
+    v.lastRetryEip = 0
+    v.lastRetryAddr = 0
+    // WARN_ON_ONCE(mmio_info_in_cache()): the model keeps no MMIO cache.
+    if (((v.direct && isWriteToGuestPageTable(f.errorCode)) || (!v.direct && kvmEventNeedsReinjection(vcpu))) && (yield* this.kvmMmuUnprotectGfnAndRetry(v, f.addr, false))) {
+      this.counters.unprotectRetries++
+      return RET_PF_RETRY
+    }
+    return RET_PF_EMULATE
+  }
+
+  /**
+   * __kvm_mmu_unprotect_gfn_and_retry(): zap every valid shadow page with gPTEs of the gfn the
+   * faulting address writes (a GVA is translated with a write walk of the guest tables,
+   * kvm_mmu_gva_to_gpa_write), so the guest can re-execute the write natively. Returns whether
+   * anything was zapped; records the instruction and address for the loop guard when it was (or
+   * when `alwaysRetry`).
+   */
+  *kvmMmuUnprotectGfnAndRetry(v: VcpuMmu, cr2OrGpa: number, alwaysRetry: boolean): KernelOp<boolean> {
+    const vcpu = v.vcpu
+    let r = false
+    if (this.indirectShadowPages !== 0) {
+      let gpa = cr2OrGpa
+      let ok = true
+      if (!v.direct) {
+        const access = PFERR_W | (vcpu.hw.state.cpl === 3 ? PFERR_U : 0)
+        ok = v.walker.walkAddr(vcpu, cr2OrGpa, ACC_WRITE, access)
+        gpa = v.walker.gfn * 4096
+      }
+      if (ok) {
+        yield* this.vm.mmuLock.writeLock()
+        try {
+          r = this.kvmMmuUnprotectPage(vcpu.asId, Math.floor(gpa / 4096))
+        } finally {
+          this.vm.mmuLock.writeUnlock()
+        }
+      }
+    }
+    if (r || alwaysRetry) {
+      v.lastRetryEip = kvmRipRead(vcpu)
+      v.lastRetryAddr = cr2OrGpa
+    }
+    return r
+  }
+
+  /**
+   * is_page_fault_stale(): the root is obsolete; or it is not backed by a shadow page (the dummy
+   * root) and KVM_REQ_MMU_FREE_OBSOLETE_ROOTS is pending; or an invalidation covered the gfn.
+   */
   private isPageFaultStale(v: VcpuMmu, mmuSeq: number, gfn: number, slot: Memslot | null): boolean {
     if (v.root.hpa === INVALID_PAGE) return true
     const sp = this.pageByPfn.get(v.root.hpa / 4096)
-    if (sp === undefined || this.isObsoleteSp(sp)) return true
+    if (sp !== undefined && this.isObsoleteSp(sp)) return true
+    if (sp === undefined && v.vcpu.hasRequest(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)) return true
     return slot !== null && this.vm.notifierState.retryGfn(mmuSeq, gfn)
   }
 
@@ -1612,10 +1803,10 @@ export class ShadowMmu implements MmuInstance {
       return RET_PF_RETRY
     }
     const gfn = w.gfn
-    // page_fault_handle_page_track(): a present write to a write-tracked gfn is emulated.
-    if (write && (ec & PFERR_P) !== 0 && this.gfnIsWriteTracked(vcpu.asId, gfn)) {
+    // page_fault_handle_page_track(): a present write to a write-tracked gfn cannot be fixed here.
+    if (write && (ec & (PFERR_P | PFERR_RSVD)) === PFERR_P && this.gfnIsWriteTracked(vcpu.asId, gfn)) {
       this.shadowPageTableClearFloodingCount(v, f.addr)
-      return RET_PF_EMULATE
+      return this.retPfWriteProtected
     }
     const mmuSeq = vm.notifierState.seq
     const out = this.pfnOut
@@ -1647,7 +1838,7 @@ export class ShadowMmu implements MmuInstance {
 
   /** clear_sp_write_flooding_count() on the shadow walk of `addr` (kvm_mmu_pte_write's reset on a tracked fault). */
   private shadowPageTableClearFloodingCount(v: VcpuMmu, addr: number): void {
-    if (v.root.hpa === INVALID_PAGE) return
+    if (v.root.hpa === INVALID_PAGE || this.kvmMmuIsDummyRoot(v.root.hpa)) return
     let sp = this.spOfHpa(v.root.hpa)
     for (;;) {
       sp.writeFloodingCount = 0
@@ -1686,6 +1877,12 @@ export class ShadowMmu implements MmuInstance {
   private *fetch(v: VcpuMmu, addr: number, gfn: number, slot: Memslot | null, pfn: number, hostWritable: boolean, hva: number, pteAccess: number, write: boolean): KernelOp<RetPf> {
     const w = v.walker
     if (this.gpteChanged(v, w.maxLevel)) return RET_PF_RETRY
+    if (this.kvmMmuIsDummyRoot(v.root.hpa)) {
+      // The root gfn became visible (a memslot was created) after the dummy root was loaded:
+      // drop the dummy root through KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and retry on a real one.
+      v.vcpu.makeRequest(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+      return RET_PF_RETRY
+    }
     let sp = this.spOfHpa(v.root.hpa)
     let level = sp.level
     let idx = spteIndex(addr, level)
@@ -1722,6 +1919,7 @@ export class ShadowMmu implements MmuInstance {
     idx = this.descIdx
     const pages = kvmPagesPerHpage(goal)
     const baseGfn = gfn - (gfn % pages)
+    if (slot === null) v.vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
     const ret = this.mmuSetSpte(slot, sp, idx, pteAccess, baseGfn, pfn - (pfn % pages), { write, prefetch: false, hostWritable })
     if (ret !== RET_PF_SPURIOUS && this.config.prefetch) this.ptePrefetch(v, sp, idx)
     return ret
@@ -1816,7 +2014,12 @@ export class ShadowMmu implements MmuInstance {
     const write = (ec & PFERR_W) !== 0
     const gpa = f.addr
     const gfn = Math.floor(gpa / 4096)
-    if (write && (ec & PFERR_P) !== 0 && this.gfnIsWriteTracked(vcpu.asId, gfn)) return RET_PF_EMULATE
+    // Dummy roots are used only for shadowing bad guest roots.
+    if (this.kvmMmuIsDummyRoot(v.root.hpa)) {
+      this.warn('direct_page_fault on the dummy root')
+      return RET_PF_RETRY
+    }
+    if (write && (ec & (PFERR_P | PFERR_RSVD)) === PFERR_P && this.gfnIsWriteTracked(vcpu.asId, gfn)) return this.retPfWriteProtected
     if (this.config.tdp && this.config.fastPageFault) {
       const r = this.fastPageFault(v, gpa, ec)
       if (r !== 0) return r
@@ -1844,6 +2047,7 @@ export class ShadowMmu implements MmuInstance {
       const sp = this.descSp
       const idx = this.descIdx
       const pages = kvmPagesPerHpage(goal)
+      if (slot === null) vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
       const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, gfn - (gfn % pages), pfn - (pfn % pages), { write, prefetch: false, hostWritable })
       if (ret !== RET_PF_SPURIOUS && this.config.prefetch && goal === 1 && vm.notifierState.inProgress === 0) this.directPtePrefetch(v, sp, idx)
       return ret
@@ -1953,7 +2157,8 @@ export class ShadowMmu implements MmuInstance {
     if ((change.kind === 'delete' || change.kind === 'move') && old !== null) {
       this.retiredSlots.push(old)
       try {
-        yield* this.kvmMmuZapAllFast()
+        if (this.config.slotZapAll) yield* this.kvmMmuZapAllFast()
+        else yield* this.kvmMmuZapMemslot(old)
       } finally {
         this.retiredSlots.splice(this.retiredSlots.indexOf(old), 1)
       }
@@ -1964,8 +2169,11 @@ export class ShadowMmu implements MmuInstance {
       this.vm.mmuLock.writeUnlock()
     }
     const neu = change.new
-    if (change.kind === 'flags-only' && neu !== null && old !== null) {
+    // kvm_mmu_slot_apply_flags(): only a flags-only change of a writable slot toggling dirty logging.
+    if (change.kind === 'flags-only' && neu !== null && old !== null && (neu.flags & KVM_MEM_READONLY) === 0) {
       const logOn = kvmSlotDirtyTrackEnabled(neu) && !kvmSlotDirtyTrackEnabled(old)
+      const logOff = !kvmSlotDirtyTrackEnabled(neu) && kvmSlotDirtyTrackEnabled(old)
+      if (logOff) yield* this.kvmMmuRecoverHugePages(neu)
       if (logOn && !this.vm.memslots.manualProtectAndInitSet) {
         // kvm_mmu_slot_remove_write_access(): write-protect every leaf of the slot.
         yield* this.vm.mmuLock.writeLock()
@@ -1975,9 +2183,128 @@ export class ShadowMmu implements MmuInstance {
         this.vm.mmuLock.writeUnlock()
         if (flush) this.vm.flushRemoteTlbs()
       }
-      // Logging off: kvm_mmu_zap_collapsible_sptes() is not modelled (mappings stay 4K).
     }
     this.check()
+  }
+
+  /**
+   * kvm_mmu_zap_memslot() (KVM_X86_QUIRK_SLOT_ZAP_ALL disabled): unmap every leaf SPTE of the slot
+   * (kvm_unmap_gfn_range), then kvm_mmu_zap_memslot_pages_and_flush(): prepare-zap every valid
+   * shadow page with gPTEs whose gfn is in the slot — their accounting lives in the slot — gfn by
+   * gfn, committing (or flushing) before yielding mmu_lock, and once at the end.
+   */
+  *kvmMmuZapMemslot(slot: Memslot): KernelOp {
+    const vm = this.vm
+    yield* vm.mmuLock.writeLock()
+    try {
+      let flush = this.unmapGfnRange(slot.asId, slot, slot.baseGfn, slot.baseGfn + slot.npages)
+      const invalid = new PageList('invalid_list')
+      if (!this.activeMmuPages.isEmpty()) {
+        for (let gfn = slot.baseGfn; gfn < slot.baseGfn + slot.npages; gfn++) {
+          const bucket = this.mmuPageHash[gfn % (1 << KVM_MMU_HASH_SHIFT)]
+          if (bucket !== undefined) {
+            // for_each_gfn_valid_sp_with_gptes(): zapped pages stay in the hash until commit.
+            for (let k = 0; k < bucket.length; k++) {
+              const sp = bucket[k]!
+              if (sp.gfn === gfn && sp.hasGptes && !this.isObsoleteSp(sp) && this.asIdOf(sp) === slot.asId) this.kvmMmuPrepareZapPage(sp, invalid)
+            }
+          }
+          if (vm.sched.needResched() || vm.mmuLock.needBreak()) {
+            this.kvmMmuRemoteFlushOrZap(invalid, flush)
+            flush = false
+            yield* vm.mmuLock.condResched('write')
+          }
+        }
+      }
+      this.kvmMmuRemoteFlushOrZap(invalid, flush)
+    } finally {
+      vm.mmuLock.writeUnlock()
+    }
+  }
+
+  /**
+   * kvm_mmu_recover_huge_pages() (kvm_mmu_zap_collapsible_sptes() before 6.13), rmap part:
+   * dirty logging of `slot` stopped, so 4K (and 2M) leaves of direct shadow pages that could now
+   * be mapped bigger are zapped; the next fault maps the huge page. Indirect leaves mirror the
+   * guest's own page sizes and stay.
+   */
+  *kvmMmuRecoverHugePages(slot: Memslot): KernelOp {
+    yield* this.vm.mmuLock.writeLock()
+    try {
+      // kvm_rmap_zap_collapsible_sptes(): levels 4K..KVM_MAX_HUGEPAGE_LEVEL-1, flush on yield.
+      if (yield* this.walkSlotRmaps(slot, this.zapCollapsibleSpte, 1, 2, true)) this.vm.flushRemoteTlbs() // kvm_flush_remote_tlbs_memslot
+    } finally {
+      this.vm.mmuLock.writeUnlock()
+    }
+  }
+
+  /**
+   * kvm_mmu_zap_collapsible_spte(): zap each leaf of a direct shadow page whose level is below
+   * what the gfn range of that page could be mapped with now (kvm_mmu_max_mapping_level at the
+   * page's gfn), restarting the rmap walk after every zap. Returns whether a TLB flush is needed
+   * (x86 without Hyper-V has no ranged remote flush, so the caller flushes the memslot once).
+   */
+  private readonly zapCollapsibleSpte = (head: number[], slot: Memslot): boolean => {
+    let needFlush = false
+    restart: for (;;) {
+      for (let i = 0; i < head.length; i++) {
+        const sptep = head[i]!
+        const sp = this.spOfSptep(sptep)
+        if (sp.direct && sp.level < this.kvmMmuMaxMappingLevel(slot, sp.gfn)) {
+          this.dropSpteAt(sptep) // kvm_zap_one_rmap_spte()
+          this.counters.collapsibleSptesZapped++
+          needFlush = true
+          continue restart
+        }
+      }
+      return needFlush
+    }
+  }
+
+  /**
+   * __walk_slot_rmaps(): `fn` over every rmap head of levels [startLevel, endLevel] of `slot`.
+   * Between heads, if a reschedule is due or mmu_lock is contended, yield it (cond_resched_rwlock_write),
+   * first flushing what was done when `flushOnYield`. Returns whether a flush is still owed.
+   */
+  private *walkSlotRmaps(slot: Memslot, fn: (head: number[], slot: Memslot) => boolean, startLevel: number, endLevel: number, flushOnYield: boolean): KernelOp<boolean> {
+    const d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    if (d === undefined) return false
+    const vm = this.vm
+    let flush = false
+    for (let level = startLevel; level <= endLevel; level++) {
+      const arr = d.rmap[level - 1]!
+      for (let i = 0; i < arr.length; i++) {
+        const head = arr[i]
+        if (head !== undefined && head.length > 0 && fn(head, slot)) flush = true
+        if (vm.sched.needResched() || vm.mmuLock.needBreak()) {
+          if (flush && flushOnYield) {
+            vm.flushRemoteTlbs()
+            flush = false
+          }
+          yield* vm.mmuLock.condResched('write')
+        }
+      }
+    }
+    return flush
+  }
+
+  /** `max_huge_page_level` (kvm_configure_mmu): EPT's huge page support with TDP, else 1G iff GBPAGES. */
+  private maxHugePageLevel(): number {
+    const f = this.vm.features
+    if (this.config.tdp) return !f.ept2M ? 1 : f.ept1G ? 3 : 2
+    return f.gbPages ? 3 : 2
+  }
+
+  /**
+   * kvm_mmu_max_mapping_level(kvm, slot, gfn): the largest level ≤ max_huge_page_level whose huge
+   * page around `gfn` is not disallowed (lpage_info), capped by the host's mapping level of the
+   * gfn's HVA (host_pfn_mapping_level).
+   */
+  kvmMmuMaxMappingLevel(slot: Memslot, gfn: number): number {
+    let maxLevel = this.maxHugePageLevel()
+    for (; maxLevel > 1; maxLevel--) if (!isLpageDisallowed(slot, gfn, maxLevel)) break
+    if (maxLevel === 1) return 1
+    return Math.min(this.vm.host.hostMappingLevel(gfnToHvaMemslot(slot, gfn)), maxLevel)
   }
 
   private forEachRmapInRange(slot: Memslot, start: number, end: number, fn: (head: number[]) => void): void {
@@ -2066,6 +2393,10 @@ export class ShadowMmu implements MmuInstance {
   *destroy(): KernelOp {
     for (const v of this.vcpuMmus) yield* this.kvmMmuFreeRoots(v, KVM_MMU_ROOTS_ALL)
     yield* this.zapAll()
+    if (this.dummyRootHpa !== INVALID_PAGE) {
+      this.vm.host.frames.free(this.dummyRootHpa / 4096, { poison: true })
+      this.dummyRootHpa = INVALID_PAGE
+    }
   }
 
   stats(): Record<string, number> {
@@ -2096,6 +2427,34 @@ export function shadowMmuOf(vm: Vm): ShadowMmu {
   const m = vm.mmu
   if (!(m instanceof ShadowMmu)) throw new KvmError('EINVAL', `the VM runs strategy '${vm.strategy.name}', not one of @mmusim/shadow-mmu`)
   return m
+}
+
+/**
+ * is_write_to_guest_page_table(): PFERR_GUEST_PAGE | PFERR_WRITE | PFERR_PRESENT all set (≤6.11's
+ * PFERR_NESTED_GUEST_PAGE test) — the CPU wrote a guest page table while walking it (TDP).
+ */
+export function isWriteToGuestPageTable(errorCode: number): boolean {
+  // PFERR_GUEST_PAGE is bit 33: test it arithmetically.
+  return Math.floor(errorCode / PFERR_GUEST_PAGE) % 2 === 1 && (errorCode & (PFERR_W | PFERR_P)) === (PFERR_W | PFERR_P)
+}
+
+/**
+ * kvm_rip_read() for the loop guard of unprotect-and-retry. The modelled guest has no RIP; an
+ * instruction is identified by how many ops its vCPU has fetched (a retried op is not fetched
+ * again) and, inside a batch, by the element index.
+ */
+export function kvmRipRead(vcpu: KvmVcpu): number {
+  const g = vcpu.guest
+  return g.steps * 2 ** 20 + (g.op.kind === OP_BATCH ? g.op.index : 0)
+}
+
+/**
+ * kvm_event_needs_reinjection(): an exception or interrupt was being delivered when the fault
+ * hit. The model delivers interrupts between ops, never through guest memory, so no event is
+ * ever pending reinjection.
+ */
+export function kvmEventNeedsReinjection(_vcpu: KvmVcpu): boolean {
+  return false
 }
 
 /** Index of `addr` in a table of `level` (signed canonical addresses are exact). */

@@ -28,8 +28,9 @@ import {
   OP_WRITE64,
   OP_WRMSR_EFER,
   RES_OK,
+  RES_PF,
 } from '@mmusim/x86-hw'
-import type { Vm } from '@mmusim/kvm'
+import { createReference, type Vm } from '@mmusim/kvm'
 
 export const L = {
   pml4: 0x1000,
@@ -49,10 +50,20 @@ export const A = 0x20
 export const D = 0x40
 export const PS = 0x80
 
+/** Where a loader writes: a VM's guest memory, or a bare-metal machine's physical memory. */
+export interface GuestPhys {
+  write32(gpa: number, value: number): unknown
+}
+
+function physOf(target: Vm | GuestPhys): GuestPhys {
+  return 'guestMem' in target ? target.guestMem : target
+}
+
 /** Loader: write a 64-bit entry at `gpa` from the host (like a VMM preparing the guest). */
-export function poke(vm: Vm, gpa: number, lo: number, hi = 0): void {
-  vm.guestMem.write32(gpa, lo >>> 0)
-  vm.guestMem.write32(gpa + 4, hi >>> 0)
+export function poke(target: Vm | GuestPhys, gpa: number, lo: number, hi = 0): void {
+  const m = physOf(target)
+  m.write32(gpa, lo >>> 0)
+  m.write32(gpa + 4, hi >>> 0)
 }
 
 export function peek(vm: Vm, gpa: number): number {
@@ -60,26 +71,26 @@ export function peek(vm: Vm, gpa: number): number {
 }
 
 /** The kernel part: PML4[0] → PDPT; PDPT[0] → identity PD of 2 MiB pages (0..32 MiB), A/D set. */
-export function loadKernelTables(vm: Vm): void {
+export function loadKernelTables(vm: Vm | GuestPhys): void {
   poke(vm, L.pml4, L.pdpt | P | RW | US | A)
   poke(vm, L.pdpt, L.pd0 | P | RW | A)
   for (let i = 0; i < 16; i++) poke(vm, L.pd0 + i * 8, (i << 21) | P | RW | A | D | PS)
 }
 
 /** Link user PD `d` (VA (1+d) GiB) and make its entry `k` point at PT `t`. */
-export function linkUserPt(vm: Vm, d: number, k: number, t: number): void {
+export function linkUserPt(vm: Vm | GuestPhys, d: number, k: number, t: number): void {
   poke(vm, L.pdpt + (1 + d) * 8, L.userPd(d) | P | RW | US | A)
   poke(vm, L.userPd(d) + k * 8, L.pt(t) | P | RW | US | A)
 }
 
 /** PTE `j` of PT `t` → frame `f` (user, writable, A|D). */
-export function mapUser(vm: Vm, t: number, j: number, f: number): void {
+export function mapUser(vm: Vm | GuestPhys, t: number, j: number, f: number): void {
   poke(vm, L.pt(t) + j * 8, L.frame(f) | P | RW | US | A | D)
 }
 
 /** Fill frame `f` with `value` in its first word (loader side). */
-export function fillFrame(vm: Vm, f: number, value: number): void {
-  vm.guestMem.write32(L.frame(f), value)
+export function fillFrame(vm: Vm | GuestPhys, f: number, value: number): void {
+  physOf(vm).write32(L.frame(f), value)
 }
 
 /** Ops a scripted program yields (each returns the op's status; reads leave the value in `op.valueLo`). */
@@ -100,11 +111,11 @@ export class Script {
     return yield op
   }
 
-  /** Enable 4-level paging with CR3 = PML4 (CPL 0). */
-  *boot(): Generator<GuestOp, void, number> {
+  /** Enable 4-level paging with CR3 = `cr3` (the PML4 by default; CPL 0). */
+  *boot(cr3: number = L.pml4): Generator<GuestOp, void, number> {
     yield* this.put(OP_WRMSR_EFER, 0, EFER_LME | EFER_NXE)
     yield* this.put(OP_MOV_CR4, 0, CR4_PAE)
-    yield* this.put(OP_MOV_CR3, 0, L.pml4)
+    yield* this.put(OP_MOV_CR3, 0, cr3)
     yield* this.put(OP_MOV_CR0, 0, CR0_PG | CR0_PE | CR0_WP)
   }
 
@@ -153,6 +164,38 @@ export class Script {
   *invlpg(va: number): Generator<GuestOp, number, number> {
     return yield* this.put(OP_INVLPG, va)
   }
+
+  /**
+   * One logged access at CPL `cpl`: `kind` is OP_READ, OP_WRITE or OP_FETCH. Pushes [status,
+   * #PF error code, CR2, value read] (zeros where they do not apply) onto `log`.
+   */
+  *probe(log: number[], kind: number, va: number, cpl: number, value = 0): Generator<GuestOp, void, number> {
+    yield* this.put(OP_SET_CPL, 0, cpl)
+    const st = yield* this.put(kind, va, value >>> 0)
+    const op = this.op
+    log.push(st, st === RES_PF ? op.errorCode : 0, st === RES_PF ? op.cr2 : 0, st === RES_OK && kind === OP_READ ? op.valueLo : 0)
+    yield* this.put(OP_SET_CPL, 0, 0)
+  }
+}
+
+/**
+ * The same script on the bare-metal reference of `vm`: `load` prepares its memory as the VM's
+ * loader did, then one program boots and runs `bodies` in order (host-side steps a VM run has
+ * between them — memslot flags, dirty logging — do not exist on bare metal). Returns the machine.
+ */
+export function runScriptOnReference(vm: Vm, load: (mem: GuestPhys) => void, bodies: ((s: Script) => Generator<GuestOp, void, number>)[]): ReturnType<typeof createReference> {
+  const ref = createReference(vm)
+  load(ref.mem)
+  const s = new Script(ref.threads[0]!.op)
+  ref.spawn(
+    0,
+    (function* (): GuestProgram {
+      yield* s.boot()
+      for (const body of bodies) yield* body(s)
+    })(),
+  )
+  ref.run()
+  return ref
 }
 
 /** Run `body` as vCPU 0's program (after boot, unless this continues an earlier script). */
