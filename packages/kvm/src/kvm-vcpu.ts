@@ -230,7 +230,8 @@ export class KvmVcpu {
       const reason = hw.exit.reason
       let done: boolean
       if (reason === EXIT_EPT_VIOLATION || reason === EXIT_PF || reason === EXIT_NPF || reason === EXIT_EPT_MISCONFIG) {
-        const r = yield* vm.mmu.pageFault(this, this.pageFaultFromExit())
+        // yield* through the scheduler's call protocol: the fault's yields resume it directly.
+        const r = (yield vm.sched.call(vm.mmu.pageFault(this, this.pageFaultFromExit()))) as RetPf
         done = this.pageFaultNeedsEmulation(r) ? yield* this.emulateAccess(op) : false
       } else {
         done = yield* this.handleExit(op)

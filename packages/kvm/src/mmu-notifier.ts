@@ -126,6 +126,16 @@ export interface MmuNotifierListener {
   ageGfnRange(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
   /** `kvm_test_age_gfn`: whether any SPTE in range is young (no change). */
   testAgeGfn(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
+  /**
+   * `range->lockless` of `kvm_age_hva_range()` (`CONFIG_KVM_MMU_LOCKLESS_AGING`, x86_64 ≥ 6.15):
+   * the aging handlers run without mmu_lock. The `*Op` aging methods then do not take it, and the
+   * synchronous ones do not require the caller to hold it. Default false: mmu_lock held for write.
+   */
+  agingLockless?: boolean
+  /** `kvm_age_gfn` as a kernel operation (may be preempted, never blocks); used by the `*Op` aging methods when present. */
+  ageGfnRangeOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number): KernelOp<boolean>
+  /** `kvm_test_age_gfn` as a kernel operation; used by {@link KvmMmuNotifier.testYoungOp} when present. */
+  testAgeGfnOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number): KernelOp<boolean>
   /** `kvm_flush_remote_tlbs` after handlers asked for it (`flush_on_ret`). */
   flushRemoteTlbs?(): void
   /** `kvm_flush_shadow_all` on `release` (the mm is going away). */
@@ -416,6 +426,57 @@ export class KvmMmuNotifier implements MmuNotifierOps {
       null,
       false,
     ).ret
+  }
+
+  /**
+   * `kvm_mmu_notifier_clear_flush_young` as a kernel operation: `kvm_age_hva_range()` →
+   * `__kvm_handle_hva_range()` with `may_block = false` and `lockless` = the listener's
+   * {@link MmuNotifierListener.agingLockless}. Unless lockless, mmu_lock is taken for write at
+   * the first overlapping memslot and dropped at the end (after the flush); per memslot piece
+   * the listener's `ageGfnRangeOp` (or `ageGfnRange`); a remote flush if any was young and the
+   * flush is not elided (`CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG`). Returns young.
+   */
+  *clearFlushYoungOp(start: number, end: number): KernelOp<boolean> {
+    return yield* this.ageHvaRangeOp(start, end, false, !this.elideTlbFlushIfYoung)
+  }
+
+  /** `kvm_mmu_notifier_clear_young` as a kernel operation (see {@link clearFlushYoungOp}); never flushes. */
+  *clearYoungOp(start: number, end: number): KernelOp<boolean> {
+    return yield* this.ageHvaRangeOp(start, end, false, false)
+  }
+
+  /** `kvm_mmu_notifier_test_young` as a kernel operation on [hva, hva + 1) (see {@link clearFlushYoungOp}). */
+  *testYoungOp(hva: number): KernelOp<boolean> {
+    return yield* this.ageHvaRangeOp(hva, hva + 1, true, false)
+  }
+
+  /** `kvm_age_hva_range()` / `__kvm_handle_hva_range()` for the aging notifiers, as a kernel operation. */
+  private *ageHvaRangeOp(start: number, end: number, testOnly: boolean, flushOnRet: boolean): KernelOp<boolean> {
+    const l = this.listener
+    const lockless = l.agingLockless === true
+    let locked = false
+    let ret = false
+    try {
+      for (const p of this.hvaRangeSlots(start, end)) {
+        if (!locked && !lockless) {
+          yield* this.mmuWriteLock()
+          locked = true
+        }
+        let young: boolean
+        if (testOnly) {
+          this.stats.testAgeCalls++
+          young = l.testAgeGfnOp !== undefined ? yield* l.testAgeGfnOp(p.asId, p.slot, p.gStart, p.gEnd) : l.testAgeGfn(p.asId, p.slot, p.gStart, p.gEnd)
+        } else {
+          this.stats.ageCalls++
+          young = l.ageGfnRangeOp !== undefined ? yield* l.ageGfnRangeOp(p.asId, p.slot, p.gStart, p.gEnd) : l.ageGfnRange(p.asId, p.slot, p.gStart, p.gEnd)
+        }
+        if (young) ret = true
+      }
+      if (flushOnRet && ret) this.flush()
+    } finally {
+      if (locked) this.mmuWriteUnlock()
+    }
+    return ret
   }
 
   /** `kvm_mmu_notifier_release` → `kvm_flush_shadow_all`. */

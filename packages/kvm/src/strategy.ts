@@ -112,10 +112,35 @@ export interface MmuInstance {
    * {@link unmapGfnRange}.
    */
   unmapGfnRangeOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number, mayBlock: boolean): KernelOp<boolean>
-  /** MMU notifier: clear accessed state, return whether any was young (kvm_age_gfn). mmu_lock held for write. */
+  /**
+   * MMU notifier: clear accessed state, return whether any was young (kvm_age_gfn). Called with
+   * mmu_lock held for write, unless the instance declares {@link agingLockless}.
+   */
   ageGfnRange(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
-  /** MMU notifier: whether any SPTE is young (kvm_test_age_gfn). mmu_lock held for write. */
+  /**
+   * MMU notifier: whether any SPTE is young (kvm_test_age_gfn). Called with mmu_lock held for
+   * write, unless the instance declares {@link agingLockless}.
+   */
   testAgeGfn(asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean
+  /**
+   * Aging runs without mmu_lock: `CONFIG_KVM_MMU_LOCKLESS_AGING` (selected by x86_64 since 6.15),
+   * under which virt/kvm/kvm_main.c's `kvm_age_hva_range()` sets `range->lockless` and
+   * `__kvm_handle_hva_range()` skips `KVM_MMU_LOCK()` around the handlers; the TDP MMU then walks
+   * its roots under RCU only (`kvm_tdp_mmu_age_gfn_range`). When true, the core calls
+   * {@link ageGfnRange} / {@link testAgeGfn} and their `*Op` forms without taking mmu_lock (the
+   * strategy protects itself); when false or absent, with mmu_lock held for write, as for the
+   * shadow MMU's rmap walk and every MMU before 6.15. Optional; default false.
+   */
+  readonly agingLockless?: boolean
+  /**
+   * {@link ageGfnRange} as a kernel operation, so that a lockless walk can be preempted between
+   * reading an SPTE and the atomic update that depends on it (it must not block: none of the
+   * notifiers that funnel into aging may sleep). Optional: the core uses it, when present, for
+   * aging run on a thread ({@link Vm.hostAgeOp}); otherwise it calls {@link ageGfnRange}.
+   */
+  ageGfnRangeOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number): KernelOp<boolean>
+  /** {@link testAgeGfn} as a kernel operation (see {@link ageGfnRangeOp}). Optional. */
+  testAgeGfnOp?(asId: number, slot: Memslot, startGfn: number, endGfn: number): KernelOp<boolean>
   /**
    * Dirty logging: write-protect (or clear D of) the gfns `slot.baseGfn + gfnOffset + i` for
    * every set bit i of the 64-bit mask (maskLo = bits 0..31, maskHi = 32..63)

@@ -6,7 +6,7 @@ import { KvmVcpu } from './kvm-vcpu.ts'
 import { type DirtyLogMask, type Memslot, type MemslotChange, Memslots, type UserMemoryRegion } from './memslot.ts'
 import { KvmMmuNotifier, type MmuNotifierListener, MmuNotifierState } from './mmu-notifier.ts'
 import { KVM_REQ_TLB_FLUSH } from './requests.ts'
-import { type ChaosOptions, type CostModel, type KernelOp, Mutex, Rcu, type RunResult, RwLock, Scheduler } from './sched/index.ts'
+import { type ChaosOptions, type CostModel, type KernelOp, Mutex, Rcu, type RunResult, RwLock, Scheduler, type Thread, TimerQueue } from './sched/index.ts'
 import { VmStats } from './stats.ts'
 import { assertMmuStrategy, type MmuInstance, type MmuStrategy, parseStrategyOptions } from './strategy.ts'
 
@@ -242,8 +242,31 @@ export class Vm {
     )
   }
 
+  /**
+   * Run an MMU-notifier aging callback on a host kernel thread at simulated time `at`, for
+   * [hva, hva + bytes): `clear_flush_young` (reclaim's `folio_referenced()` →
+   * `ptep_clear_flush_young_notify()`), `clear_young` (idle page tracking, MGLRU) or
+   * `test_young` (on [hva, hva + 1)). KVM's `kvm_age_hva_range()` takes mmu_lock for write around
+   * the handlers unless the strategy ages locklessly ({@link MmuInstance.agingLockless},
+   * `CONFIG_KVM_MMU_LOCKLESS_AGING`), in which case the walk runs concurrently with faults (and is
+   * preempted inside when the strategy has `ageGfnRangeOp`). The thread's result is "young".
+   */
+  hostAgeOp(name: string, at: number, hva: number, bytes: number, kind: 'clear_flush_young' | 'clear_young' | 'test_young' = 'clear_flush_young'): Thread<boolean> {
+    const n = this.notifier
+    return this.sched.spawn(
+      `host:${name}`,
+      function* (): KernelOp<boolean> {
+        if (kind === 'test_young') return yield* n.testYoungOp(hva)
+        if (kind === 'clear_young') return yield* n.clearYoungOp(hva, hva + bytes)
+        return yield* n.clearFlushYoungOp(hva, hva + bytes)
+      },
+      { startTime: at },
+    )
+  }
+
   private notifierListener(): MmuNotifierListener {
     const mmu = this.mmu
+    const lockless = mmu.agingLockless === true
     return {
       unmapGfnRange: (asId, slot, s, e) => {
         this.mmuLock.assertHeld('write')
@@ -263,18 +286,86 @@ export class Vm {
       mmuWriteUnlock: () => {
         this.mmuLock.writeUnlock()
       },
+      // CONFIG_KVM_MMU_LOCKLESS_AGING: range->lockless, no mmu_lock around the aging handlers.
+      agingLockless: lockless,
       ageGfnRange: (asId, slot, s, e) => {
-        this.mmuLock.assertHeld('write')
+        if (!lockless) this.mmuLock.assertHeld('write')
         return this.mmu.ageGfnRange(asId, slot, s, e)
       },
       testAgeGfn: (asId, slot, s, e) => {
-        this.mmuLock.assertHeld('write')
+        if (!lockless) this.mmuLock.assertHeld('write')
         return this.mmu.testAgeGfn(asId, slot, s, e)
       },
+      ...(mmu.ageGfnRangeOp === undefined
+        ? {}
+        : {
+            ageGfnRangeOp: function* (this: Vm, asId: number, slot: Memslot, s: number, e: number): KernelOp<boolean> {
+              if (!lockless) this.mmuLock.assertHeld('write')
+              return yield* mmu.ageGfnRangeOp!(asId, slot, s, e)
+            }.bind(this),
+          }),
+      ...(mmu.testAgeGfnOp === undefined
+        ? {}
+        : {
+            testAgeGfnOp: function* (this: Vm, asId: number, slot: Memslot, s: number, e: number): KernelOp<boolean> {
+              if (!lockless) this.mmuLock.assertHeld('write')
+              return yield* mmu.testAgeGfnOp!(asId, slot, s, e)
+            }.bind(this),
+          }),
       flushRemoteTlbs: () => {
         this.flushRemoteTlbs()
       },
     }
+  }
+
+  // ------------------------------------------------------------------ kernel threads and timers
+
+  private timerQueue: TimerQueue | null = null
+
+  /**
+   * The VM's timers (`schedule_timeout()` for its kernel threads, e.g. the MMU's
+   * `kvm-nx-lpage-recovery` task), created on first use so VMs without timed threads schedule
+   * exactly as before.
+   */
+  get timers(): TimerQueue {
+    this.timerQueue ??= new TimerQueue(this.sched, 'vm-timers')
+    return this.timerQueue
+  }
+
+  /**
+   * Start a per-VM kernel thread (a vhost task / kthread such as `kvm-nx-lpage-recovery`) as a
+   * daemon of the scheduler: it does not keep {@link run} going once the guests are done (see
+   * `SpawnOptions.daemon`). Whoever starts it must stop it before the VM is destroyed.
+   */
+  spawnKernelThread<R>(name: string, fn: () => KernelOp<R>): Thread<R> {
+    return this.sched.spawn(name, fn, { daemon: true })
+  }
+
+  // ------------------------------------------------------------------ SMM
+
+  /**
+   * `kvm_smm_changed(vcpu, entering_smm)` (arch/x86/kvm/smm.c): set or clear HF_SMM_MASK, which
+   * selects the vCPU's memslot address space (`kvm_arch_vcpu_memslots_id()`: 1 in SMM, 0
+   * otherwise), then `kvm_mmu_reset_context()`: the MMU role's `smm` bit changed, so the vCPU's
+   * roots are unloaded and the next entry loads (or reuses) a root of the new role. Only the MMU
+   * side of SMM is modelled (no SMRAM state save, no RSM emulation); the core's emulator keeps
+   * using address space 0. Call it on the vCPU's own thread or while the vCPU is not running.
+   */
+  *kvmSmmChanged(vcpu: KvmVcpu, enteringSmm: boolean): KernelOp {
+    vcpu.asId = enteringSmm ? 1 : 0
+    yield* this.mmu.resetContext(vcpu)
+  }
+
+  /**
+   * KVM_SET_VCPU_EVENTS with `KVM_VCPUEVENT_VALID_SMM` from userspace, while the vCPU is not
+   * running (`kvm_vcpu_ioctl_x86_set_vcpu_events`): if `smi.smm` differs from the vCPU's state,
+   * {@link kvmSmmChanged}. Strategies derive the root role's `smm` bit from `vcpu.asId`.
+   */
+  setVcpuSmm(cpu: number, smm: boolean): void {
+    const v = this.vcpus[cpu]
+    if (v === undefined) throw new KvmError('EINVAL', `no vCPU ${String(cpu)}; the VM has ${String(this.vcpus.length)}`)
+    if ((v.asId === 1) === smm) return
+    this.runKernel(`vcpu${String(cpu)}:set_vcpu_events`, () => this.kvmSmmChanged(v, smm))
   }
 
   // ------------------------------------------------------------------ running guests

@@ -3,7 +3,9 @@
  */
 import { tdpStrategy } from './strategy.ts'
 
-export { tdpStrategy, getTdpMmu, tdpVcpuState } from './strategy.ts'
+export { tdpStrategy, getTdpMmu, getTdpMmuAging, getNxRecoveryWorker, tdpVcpuState } from './strategy.ts'
+export { TdpMmuAging, type TdpMmuAgingCounters } from './aging.ts'
+export { NxHugePageRecoveryWorker, type NxRecoveryRun } from './nx-recovery.ts'
 export { TdpMmu, TdpMmuError, TdpVcpuState, TdpFault, drain, type TdpMmuCounters } from './tdp-mmu.ts'
 export { TdpIter, roundGfnForLevel, spteIndex } from './tdp-iter.ts'
 export { KvmMmuPage, makeRoleWord, PAGES_PER_LEVEL, ROLE_AD_DISABLED, ROLE_GUEST_MODE, ROLE_SMM } from './mmu-page.ts'

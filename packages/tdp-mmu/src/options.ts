@@ -54,8 +54,24 @@ export const tdpOptionsSchema = z
      * invalidated) or `pre-6.4` (the last vCPU put tears the root down).
      */
     rootLifecycle: z.enum(['current', 'pre-6.4']).default('current'),
-    /** `nx_huge_pages_recovery_ratio`: 1/ratio of the possible-NX list is zapped per recovery pass (0 = off). */
+    /**
+     * `nx_huge_pages_recovery_ratio`: each run of the recovery worker zaps ceil(nr / ratio) of the
+     * nr possible NX huge pages (0 = recovery off: no worker). KVM's default is 60 (0 on PREEMPT_RT).
+     */
     nxRecoveryRatio: z.number().int().min(0).default(60),
+    /**
+     * `nx_huge_pages_recovery_period_ms`: time between runs of the per-VM recovery worker
+     * (`kvm-nx-lpage-recovery`); 0 = derived from the ratio as KVM's
+     * `calc_nx_huge_pages_recovery_period()` does: 3 600 000 / min(ratio, 3600) ms (a halving
+     * time of one hour, never below 1 s), i.e. 60 s at the default ratio.
+     */
+    nxRecoveryPeriodMs: z.number().int().min(0).default(0),
+    /**
+     * Aging (`kvm_tdp_mmu_age_gfn_range` / `kvm_tdp_mmu_test_age_gfn`): `lockless` (≈6.15+,
+     * `CONFIG_KVM_MMU_LOCKLESS_AGING`: RCU only, no mmu_lock, no root references) or `write-lock`
+     * (6.13–6.14: mmu_lock held for write by the notifier, the non-yielding root walk).
+     */
+    agingLocking: z.enum(['lockless', 'write-lock']).default('lockless'),
     /** Test-only: put back historical bugs. */
     testHazards: testHazardsSchema.prefault({}),
   })

@@ -16,25 +16,50 @@ import {
   type RetPf,
   type Vm,
 } from './deps.ts'
+import { TdpMmuAging } from './aging.ts'
 import { auditTdpMmu } from './audit.ts'
+import { NxHugePageRecoveryWorker } from './nx-recovery.ts'
 import { tdpOptionsSchema, type TdpMmuOptions } from './options.ts'
 import { drain, TdpMmu, TdpVcpuState, tdpVcpuState } from './tdp-mmu.ts'
 
 export { tdpVcpuState }
 
-const mmus = new WeakMap<Vm, TdpMmu>()
+/** The parts of one VM's TDP MMU. */
+interface TdpParts {
+  mmu: TdpMmu
+  aging: TdpMmuAging
+  nxWorker: NxHugePageRecoveryWorker
+}
+
+const parts = new WeakMap<Vm, TdpParts>()
+
+function partsOf(vm: Vm): TdpParts {
+  const p = parts.get(vm)
+  if (p === undefined) throw new Error('this VM does not use the tdp strategy')
+  return p
+}
 
 /** The {@link TdpMmu} behind a VM created with the `tdp` strategy (for tests and experiments). */
 export function getTdpMmu(vm: Vm): TdpMmu {
-  const m = mmus.get(vm)
-  if (m === undefined) throw new Error('this VM does not use the tdp strategy')
-  return m
+  return partsOf(vm).mmu
+}
+
+/** The aging walkers of a `tdp` VM (`kvm_tdp_mmu_age_gfn_range`, `kvm_tdp_mmu_test_age_gfn`). */
+export function getTdpMmuAging(vm: Vm): TdpMmuAging {
+  return partsOf(vm).aging
+}
+
+/** The NX huge page recovery thread of a `tdp` VM (`kvm-nx-lpage-recovery`). */
+export function getNxRecoveryWorker(vm: Vm): NxHugePageRecoveryWorker {
+  return partsOf(vm).nxWorker
 }
 
 /** Create the MmuInstance of `vm`. */
 function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
   const mmu = new TdpMmu(vm, options)
-  mmus.set(vm, mmu)
+  const aging = new TdpMmuAging(mmu)
+  const nxWorker = new NxHugePageRecoveryWorker(mmu)
+  parts.set(vm, { mmu, aging, nxWorker })
   const sched = vm.sched
   const eagerSplit = options.eagerSplit
 
@@ -45,8 +70,13 @@ function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
     },
     /** kvm_mmu_reload()'s VALID_PAGE(root.hpa). */
     hasValidRoot: (vcpu) => tdpVcpuState(vcpu).root !== null,
-    /** kvm_mmu_load(): mmu_alloc_direct_roots → kvm_tdp_mmu_alloc_root, load EPTP/nCR3, local flush. */
+    /**
+     * kvm_mmu_load(): mmu_alloc_direct_roots → kvm_tdp_mmu_alloc_root, load EPTP/nCR3, local flush.
+     * The first load is the vCPU's first KVM_RUN, whose kvm_mmu_post_init_vm() starts the NX
+     * recovery thread (once per VM).
+     */
     *load(vcpu): KernelOp<number> {
+      nxWorker.kvmMmuPostInitVm()
       const st = tdpVcpuState(vcpu)
       const root = yield* mmu.kvmTdpMmuAllocRoot(vcpu, st)
       st.root = root
@@ -108,10 +138,16 @@ function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
     unmapGfnRange: (asId: number, _slot: Memslot, s: number, e: number) => mmu.kvmTdpMmuUnmapGfnRange(asId, s, e, false),
     /** kvm_unmap_gfn_range() with range->may_block → kvm_tdp_mmu_unmap_gfn_range (yields when mayBlock). */
     unmapGfnRangeOp: (asId: number, _slot: Memslot, s: number, e: number, mayBlock: boolean) => mmu.kvmTdpMmuUnmapGfnRangeOp(asId, s, e, mayBlock, false),
+    /** CONFIG_KVM_MMU_LOCKLESS_AGING (≈6.15+): the notifier calls aging without mmu_lock. */
+    agingLockless: aging.lockless,
     /** kvm_age_gfn() → kvm_tdp_mmu_age_gfn_range. */
-    ageGfnRange: (asId: number, _slot: Memslot, s: number, e: number) => mmu.ageGfnRange(asId, s, e, false),
+    ageGfnRange: (asId: number, _slot: Memslot, s: number, e: number) => aging.ageGfnRange(asId, s, e, false),
     /** kvm_test_age_gfn() → kvm_tdp_mmu_test_age_gfn. */
-    testAgeGfn: (asId: number, _slot: Memslot, s: number, e: number) => mmu.ageGfnRange(asId, s, e, true),
+    testAgeGfn: (asId: number, _slot: Memslot, s: number, e: number) => aging.ageGfnRange(asId, s, e, true),
+    /** kvm_age_gfn() → kvm_tdp_mmu_age_gfn_range, preemptible between each read and its atomic update. */
+    ageGfnRangeOp: (asId: number, _slot: Memslot, s: number, e: number) => aging.kvmTdpMmuAgeGfnRange(asId, s, e, false),
+    /** kvm_test_age_gfn() → kvm_tdp_mmu_test_age_gfn. */
+    testAgeGfnOp: (asId: number, _slot: Memslot, s: number, e: number) => aging.kvmTdpMmuAgeGfnRange(asId, s, e, true),
     /**
      * kvm_arch_mmu_enable_log_dirty_pt_masked(): in manual-protect + initially-set mode, eager split
      * and write-protect the huge pages covering the mask first; then write-protect the 4K PTEs
@@ -152,11 +188,12 @@ function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
     *changeMmuPages() {
       yield* drainNothing()
     },
-    /** kvm_mmu_uninit_tdp_mmu(). */
+    /** kvm_mmu_pre_destroy_vm() (stop the NX recovery thread), then kvm_mmu_uninit_tdp_mmu(). */
     *destroy() {
+      yield* nxWorker.kvmMmuPreDestroyVm()
       yield* mmu.kvmMmuUninitTdpMmu()
     },
-    stats: () => ({ ...mmu.counters, possible_nx_huge_pages: mmu.possibleNx.length, roots: countRoots(mmu) }),
+    stats: () => ({ ...mmu.counters, ...aging.counters, nx_recovery_runs: nxWorker.runs.length, possible_nx_huge_pages: mmu.possibleNx.length, roots: countRoots(mmu) }),
     audit: () => auditTdpMmu(mmu, vm.vcpus),
   }
 

@@ -75,8 +75,8 @@ export class TdpIter {
   /** Re-read the current entry into old_spte (`kvm_tdp_mmu_read_spte`). */
   read(): void {
     const m = this.mem
-    this.oldLo = m.read32(this.sptep)
-    this.oldHi = m.read32(this.sptep + 4)
+    this.oldLo = m.read64(this.sptep)
+    this.oldHi = m.hi64
   }
 
   private refreshSptep(): void {

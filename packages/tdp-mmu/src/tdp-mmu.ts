@@ -34,7 +34,6 @@ import {
   makeSpte,
   type MakeSpteParams,
   makeSpteFormat,
-  markSpteForAccessTrack,
   type Memslot,
   newSpte64,
   type PageFault,
@@ -117,7 +116,37 @@ export class TdpFault {
   reqLevel = 1
   goalLevel = 1
   hugePageDisallowed = false
+  // ---- the map walk's state between its steps (see kvmMmuPageFault)
+  /** Return value so far (RET_PF_RETRY until the walk decides otherwise). */
+  ret: RetPf = RET_PF_RETRY
+  /** The SPTE value the pending cmpxchg installs. */
+  nLo = 0
+  nHi = 0
+  /** Target level: the old SPTE was a table that the new huge leaf replaces. */
+  replacesTable = false
+  /** Target level: the memslot as read before the write (null: MMIO SPTE). */
+  targetSlot: Memslot | null = null
+  /** Link/split: the new child table. */
+  sp: KvmMmuPage | null = null
 }
+
+/** kvmMmuPageFault's own codes besides RET_PF_*: go on with the slow path; run fast_page_fault() first. */
+const PF_GO = -100
+const PF_FAST = -101
+/** pfLock(): the lockless invalidation pre-check says retry. */
+const PF_LOCK_RETRY = -2
+
+// Steps of the map walk of kvmMmuPageFault (what the generator must do next).
+/** The walk is over; the result is in `fault.ret` (locks still held). */
+const MAP_DONE = 0
+/** cmpxchg the target-level SPTE to (fault.nLo, fault.nHi). */
+const MAP_TARGET = 1
+/** cmpxchg a non-present SPTE to the link of fault.sp. */
+const MAP_LINK = 2
+/** Split the huge leaf at the iterator into fault.sp. */
+const MAP_SPLIT = 3
+/** fault.sp was linked for an NX-disallowed huge page: track it under tdp_mmu_pages_lock. */
+const MAP_NX_TRACK = 4
 
 /** Per-vCPU MMU state (`vcpu->arch.mmu`): current root, previous roots, scratch objects. */
 export class TdpVcpuState {
@@ -616,6 +645,11 @@ export class TdpMmu {
    */
   private *writeSpte(sptep: number, oldLo: number, oldHi: number, newLo: number, newHi: number, level: number): KernelOp<boolean> {
     yield this.sched.costs.memoryRef // the store; other CPUs run between the caller's read and it
+    return this.writeSpteStore(sptep, oldLo, oldHi, newLo, newHi, level)
+  }
+
+  /** {@link writeSpte} after its window: the store itself. */
+  private writeSpteStore(sptep: number, oldLo: number, oldHi: number, newLo: number, newHi: number, level: number): boolean {
     const m = this.mem
     const curLo = m.read32(sptep)
     const curHi = m.read32(sptep + 4)
@@ -681,15 +715,31 @@ export class TdpMmu {
 
   /** tdp_mmu_iter_set_spte(): a write-lock update; iter.old_spte becomes the value replaced. */
   *tdpMmuIterSetSpte(iter: TdpIter, newLo: number, newHi: number, flushable: boolean): KernelOp {
+    this.checkIterSetSpte(iter, newLo, newHi)
+    yield this.sched.costs.memoryRef // writeSpte's store window
+    const removed = this.commitIterSetSpte(iter, newLo, newHi, flushable)
+    if (removed !== null) yield* this.handleRemovedPt(removed, false, flushable)
+  }
+
+  /** tdp_mmu_iter_set_spte()'s checks, before its store window (hot walkers inline the sequence). */
+  private checkIterSetSpte(iter: TdpIter, newLo: number, newHi: number): void {
     this.vm.mmuLock.assertHeld('write')
     if (iter.yielded) this.bug('SPTE write with a yielded iterator')
     if (isFrozenSpte(iter.oldLo, iter.oldHi) || isFrozenSpte(newLo, newHi)) this.bug('tdp_mmu_set_spte to or from FROZEN')
-    yield* this.writeSpte(iter.sptep, iter.oldLo, iter.oldHi, newLo >>> 0, newHi >>> 0, iter.level)
+  }
+
+  /**
+   * tdp_mmu_iter_set_spte() after its store window: the store, iter.old_spte = the value
+   * replaced, and handle_changed_spte()'s non-yielding part. Returns the table the change
+   * disconnected (the caller runs handle_removed_pt() on it) or null.
+   */
+  private commitIterSetSpte(iter: TdpIter, newLo: number, newHi: number, flushable: boolean): KvmMmuPage | null {
+    this.writeSpteStore(iter.sptep, iter.oldLo, iter.oldHi, newLo >>> 0, newHi >>> 0, iter.level)
     const oLo = this.wLo
     const oHi = this.wHi
     iter.oldLo = oLo
     iter.oldHi = oHi
-    yield* this.handleChangedSpte(iter.asId, iter.gfn, oLo, oHi, newLo >>> 0, newHi >>> 0, iter.level, false, flushable)
+    return this.changedSpteBookkeeping(iter.asId, iter.gfn, oLo, oHi, newLo >>> 0, newHi >>> 0, iter.level, flushable)
   }
 
   /**
@@ -885,12 +935,29 @@ export class TdpMmu {
    * re-enter RCU and mark the iterator yielded.
    */
   *tdpMmuIterCondResched(iter: TdpIter, flush: boolean, shared: boolean): KernelOp<boolean> {
+    const due = this.condReschedDue(iter)
+    if (due === 0) return false
+    yield* this.tdpMmuIterYield(iter, flush, shared, due === 1)
+    return true
+  }
+
+  /**
+   * tdp_mmu_iter_cond_resched()'s decision, without a generator (hot walkers call it on every
+   * entry and enter {@link tdpMmuIterYield} only when it says so): 0 = go on, 1 = a reschedule
+   * is due, 2 = mmu_lock is contended.
+   */
+  private condReschedDue(iter: TdpIter): number {
     if (iter.yielded) this.bug('cond_resched with an already yielded iterator')
+    const resched = this.sched.needResched()
+    if (!resched && !this.vm.mmuLock.needBreak()) return 0
+    if (!this.hz.noForwardProgressRule && iter.nextLastLevelGfn === iter.yieldedGfn) return 0
+    return resched ? 1 : 2
+  }
+
+  /** tdp_mmu_iter_cond_resched()'s yield, once {@link condReschedDue} said so. */
+  private *tdpMmuIterYield(iter: TdpIter, flush: boolean, shared: boolean, resched: boolean): KernelOp {
     const sched = this.sched
     const lock = this.vm.mmuLock
-    const resched = sched.needResched()
-    if (!resched && !lock.needBreak()) return false
-    if (!this.hz.noForwardProgressRule && iter.nextLastLevelGfn === iter.yieldedGfn) return false
     if (flush && !this.hz.noFlushBeforeYield && !this.hz.flushAfterRcuUnlock) this.flushRemoteTlbs()
     this.rcuUnlock('tdp_mmu_iter_cond_resched')
     if (flush && this.hz.flushAfterRcuUnlock) this.flushRemoteTlbs()
@@ -907,7 +974,6 @@ export class TdpMmu {
     if (iter.gfn > iter.nextLastLevelGfn) this.bug('iterator moved backwards across a yield')
     iter.yielded = true
     this.counters.yields++
-    return true
   }
 
   /** A fresh iterator (walkers other than the vCPU fault path), with the S12 hazard applied. */
@@ -934,11 +1000,21 @@ export class TdpMmu {
     for (const zapLevel of levels) {
       outer: for (iter.start(root, zapLevel, 0); iter.valid && iter.gfn < this.maxGfn; iter.next()) {
         for (;;) {
-          if (canYield && (yield* this.tdpMmuIterCondResched(iter, false, shared))) continue outer
+          if (canYield) {
+            const due = this.condReschedDue(iter)
+            if (due !== 0) {
+              yield* this.tdpMmuIterYield(iter, false, shared, due === 1)
+              continue outer
+            }
+          }
           if (!isShadowPresentPte(iter.oldLo)) continue outer
           if (iter.level > zapLevel) continue outer
           if (!shared) {
-            yield* this.tdpMmuIterSetSpte(iter, NP_LO, NP_HI, false)
+            // tdpMmuIterSetSpte(), inlined: a teardown writes every entry of the tree.
+            this.checkIterSetSpte(iter, NP_LO, NP_HI)
+            yield this.sched.costs.memoryRef
+            const removed = this.commitIterSetSpte(iter, NP_LO, NP_HI, false)
+            if (removed !== null) yield* this.handleRemovedPt(removed, false, false)
             continue outer
           }
           if (yield* this.tdpMmuSetSpteAtomic(iter, NP_LO, NP_HI, false)) continue outer
@@ -962,12 +1038,20 @@ export class TdpMmu {
     rcu.readLock()
     const iter = this.newIter()
     for (iter.start(root, 1, start); iter.valid && iter.gfn < end; iter.next()) {
-      if (canYield && (yield* this.tdpMmuIterCondResched(iter, flush, false))) {
-        flush = false
-        continue
+      if (canYield) {
+        const due = this.condReschedDue(iter)
+        if (due !== 0) {
+          yield* this.tdpMmuIterYield(iter, flush, false, due === 1)
+          flush = false
+          continue
+        }
       }
       if (!isShadowPresentPte(iter.oldLo) || !isLastSpte(iter.oldLo, iter.level)) continue
-      yield* this.tdpMmuIterSetSpte(iter, NP_LO, NP_HI, !root.invalid)
+      // tdpMmuIterSetSpte(), inlined
+      this.checkIterSetSpte(iter, NP_LO, NP_HI)
+      yield this.sched.costs.memoryRef
+      const removed = this.commitIterSetSpte(iter, NP_LO, NP_HI, !root.invalid)
+      if (removed !== null) yield* this.handleRemovedPt(removed, false, !root.invalid)
       if (!root.invalid) flush = true
     }
     this.rcuUnlock('tdp_mmu_zap_leafs')
@@ -1037,43 +1121,8 @@ export class TdpMmu {
 
   // ================================================================== aging (§7.5)
 
-  /** Whether a present leaf is young (A set, or not access-tracked when A/D is disabled). */
-  private isAccessedLeaf(lo: number, hi: number): boolean {
-    return spteAdEnabled(hi) ? (lo & this.fmt.accessedLo) !== 0 : !isAccessTrackSpte(this.fmt, lo, hi)
-  }
-
-  /**
-   * kvm_tdp_mmu_age_gfn_range() / kvm_tdp_mmu_test_age_gfn(). Newest KVM runs these without
-   * mmu_lock (RCU only); the core calls them with mmu_lock held for write, so the model walks
-   * valid roots with the non-yielding walk. Aging clears A atomically (A/D) or access-tracks the
-   * leaf with one cmpxchg (A/D disabled); no bookkeeping and no flush.
-   */
-  ageGfnRange(asId: number, start: number, end: number, testOnly: boolean): boolean {
-    let young = false
-    const m = this.mem
-    const rcu = this.vm.rcu
-    rcu.readLock()
-    const iter = this.newIter()
-    for (const root of this.rootsWriteLocked(asId, true)) {
-      for (iter.start(root, 1, start); iter.valid && iter.gfn < end; iter.next()) {
-        const lo = iter.oldLo
-        const hi = iter.oldHi
-        if (!isShadowPresentPte(lo) || !isLastSpte(lo, iter.level) || !this.isAccessedLeaf(lo, hi)) continue
-        young = true
-        if (testOnly) break
-        if (spteAdEnabled(hi)) {
-          // tdp_mmu_clear_spte_bits_atomic(): atomic fetch-and-not of A.
-          m.write32(iter.sptep, (m.read32(iter.sptep) & ~this.fmt.accessedLo) >>> 0)
-        } else {
-          const t = markSpteForAccessTrack(this.tmp, this.fmt, lo, hi)
-          m.cmpxchg64(iter.sptep, lo, hi, t.lo, t.hi) // failure ignored: "most likely young anyway"
-        }
-      }
-      if (young && testOnly) break
-    }
-    rcu.readUnlock()
-    return young
-  }
+  // kvm_tdp_mmu_age_gfn_range() / kvm_tdp_mmu_test_age_gfn(): see aging.ts (lockless ≈6.15+ and
+  // the 6.13–6.14 write-lock walk).
 
   // ================================================================== faults (§6)
 
@@ -1122,6 +1171,70 @@ export class TdpMmu {
    * mmu_lock, huge-page split, NX tracking, removed tables) still delegate.
    */
   *kvmMmuPageFault(vcpu: KvmVcpu, st: TdpVcpuState, pf: PageFault): KernelOp<RetPf> {
+    // The generator only yields and delegates; the work is in plain methods, so its frame (copied
+    // on every suspend and resume) stays small. The fault's state lives in st.fault.
+    const r0 = this.pfBegin(vcpu, st, pf)
+    if (r0 === PF_FAST) {
+      const r = yield* this.fastPageFault(vcpu, st, st.fault)
+      if (r !== RET_PF_INVALID) return r
+    } else if (r0 !== PF_GO) return r0
+    const r1 = this.pfFaultin(vcpu, st.fault)
+    if (r1 !== PF_GO) return r1
+    // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so invalidations
+    // can run between the sequence snapshot and mmu_lock (S21).
+    yield this.gupNs
+    const acquireNs = this.pfLock(st.fault)
+    if (acquireNs === PF_LOCK_RETRY) return RET_PF_RETRY
+    if (acquireNs >= 0) yield acquireNs
+    else yield* this.vm.mmuLock.readLock()
+    // The fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap it.
+    yield this.mmuFaultWorkNs
+    const f = st.fault
+    const iter = st.iter
+    for (let a = this.pfMapBegin(vcpu, st); a !== MAP_DONE; ) {
+      if (a === MAP_TARGET || a === MAP_LINK) {
+        // tdp_mmu_set_spte_atomic(), inlined
+        this.checkAtomicWrite(iter)
+        yield this.spteCmpxchgNs
+        const removed = this.commitAtomicWrite(iter, f.nLo, f.nHi, true)
+        if (removed !== CMPXCHG_FAILED && removed !== null) yield* this.handleRemovedPt(removed, true, true)
+        a = a === MAP_TARGET ? this.pfTargetWritten(vcpu, f, removed !== CMPXCHG_FAILED) : this.pfLinked(vcpu, st, removed !== CMPXCHG_FAILED, true)
+      } else if (a === MAP_SPLIT) {
+        const ok = yield* this.tdpMmuSplitHugePage(iter, f.sp!, true)
+        a = this.pfLinked(vcpu, st, ok, false)
+      } else {
+        // MAP_NX_TRACK
+        const sp = f.sp!
+        yield* this.pagesLock.lock()
+        if (sp.nxHugePageDisallowed) this.trackPossibleNxHugePage(sp) // recheck under the lock (S15)
+        this.pagesLock.unlock()
+        iter.next()
+        a = this.pfMapWalk(vcpu, st)
+      }
+    }
+    this.rcuUnlock('kvm_tdp_mmu_map')
+    this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
+    return f.ret
+  }
+
+  /** Costs the fault path yields, read once (the cost model is immutable). */
+  private get gupNs(): number {
+    return this.sched.costs.dramRef * 2
+  }
+
+  private get mmuFaultWorkNs(): number {
+    return this.sched.costs.mmuFaultWork
+  }
+
+  private get spteCmpxchgNs(): number {
+    return this.sched.costs.spteCmpxchg
+  }
+
+  /**
+   * kvmMmuPageFault's start: decode the error code, handle an MMIO fault, and decide whether
+   * fast_page_fault() runs first. Returns a RET_PF_*, {@link PF_FAST} or {@link PF_GO}.
+   */
+  private pfBegin(vcpu: KvmVcpu, st: TdpVcpuState, pf: PageFault): RetPf | typeof PF_GO | typeof PF_FAST {
     // Decoded when the operation starts running, not when it is created.
     const f = st.fault
     // Only bits of the low half are tested, and `&` already takes its operand modulo 2^32 (a
@@ -1138,105 +1251,106 @@ export class TdpMmu {
       const r = this.handleMmioPageFault(vcpu, st, f.gfn)
       if (r !== RET_PF_INVALID) return r
     }
+    // ---- kvm_tdp_page_fault(): page_fault_can_be_fast() first, so the common not-present fault
+    // creates no generator for it.
+    return this.opts.fastPageFault && this.pageFaultCanBeFast(st, f) ? PF_FAST : PF_GO
+  }
 
-    // ---- kvm_tdp_page_fault()
-    // page_fault_can_be_fast() first, so the common not-present fault creates no generator for it.
-    if (this.opts.fastPageFault && this.pageFaultCanBeFast(st, f)) {
-      const r = yield* this.fastPageFault(vcpu, st, f)
-      if (r !== RET_PF_INVALID) return r
-    }
-    const vm = this.vm
-    const costs = this.sched.costs
+  /** kvm_mmu_faultin_pfn() for kvmMmuPageFault: {@link PF_GO} or a RET_PF_*. */
+  private pfFaultin(vcpu: KvmVcpu, f: TdpFault): RetPf | typeof PF_GO {
     const early = this.kvmMmuFaultinPfn(vcpu, f)
-    if (early !== null) return early
-    const slot = f.slot
-    // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so invalidations
-    // can run between the sequence snapshot and mmu_lock (S21).
-    yield costs.dramRef * 2
-    if (slot !== null && !this.hz.skipInvalidationRetry && vm.notifierState.retryGfnUnsafe(f.mmuSeq, f.gfn)) return RET_PF_RETRY
-    const lock = vm.mmuLock
-    const acquireNs = lock.readLockFast() // read_lock() without a generator when uncontended
-    if (acquireNs >= 0) yield acquireNs
-    else yield* lock.readLock()
-    // The fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap it.
-    yield costs.mmuFaultWork
-    let ret: RetPf = RET_PF_RETRY
-    if (this.isPageFaultStale(st, f)) {
-      this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
-      return ret
-    }
+    return early ?? PF_GO
+  }
 
-    // ---- kvm_tdp_mmu_map(): walk from the root, link/split on the way, install the target SPTE.
-    const root = st.root // not null: isPageFaultStale() just checked
+  /**
+   * After GUP: the lockless invalidation pre-check, then read_lock(mmu_lock) without a generator
+   * when uncontended. Returns the acquisition's cost (≥ 0), -1 (contended: the caller blocks in
+   * readLock()) or {@link PF_LOCK_RETRY}.
+   */
+  private pfLock(f: TdpFault): number {
+    if (f.slot !== null && !this.hz.skipInvalidationRetry && this.vm.notifierState.retryGfnUnsafe(f.mmuSeq, f.gfn)) return PF_LOCK_RETRY
+    const ns = this.vm.mmuLock.readLockFast()
+    return ns >= 0 ? ns : -1
+  }
+
+  /** kvm_tdp_mmu_map()'s start (mmu_lock held for read): stale check, level, RCU, first walk step. */
+  private pfMapBegin(vcpu: KvmVcpu, st: TdpVcpuState): number {
+    const f = st.fault
+    f.ret = RET_PF_RETRY
+    if (this.isPageFaultStale(st, f)) {
+      this.vm.rcu.readLock() // balanced by kvmMmuPageFault's rcuUnlock (nothing was walked)
+      return MAP_DONE
+    }
     this.kvmMmuHugepageAdjust(f)
-    const nx = this.opts.nxHugePages
-    vm.rcu.readLock()
+    this.vm.rcu.readLock()
+    st.iter.start(st.root!, 1, f.gfn) // not null: isPageFaultStale() just checked
+    return this.pfMapWalk(vcpu, st)
+  }
+
+  /**
+   * kvm_tdp_mmu_map()'s walk from the iterator's position to its next step: the target-level
+   * decision (tdp_mmu_map_handle_target_level() up to its write), or a table to link or split.
+   */
+  private pfMapWalk(vcpu: KvmVcpu, st: TdpVcpuState): number {
+    const f = st.fault
     const iter = st.iter
-    for (iter.start(root, 1, f.gfn); iter.valid && iter.gfn < f.gfn + 1; iter.next()) {
+    const nx = this.opts.nxHugePages
+    for (; iter.valid && iter.gfn < f.gfn + 1; iter.next()) {
       if (nx) this.disallowedHugepageAdjust(f, iter.oldLo, iter.oldHi, iter.level)
-      if (isFrozenSpte(iter.oldLo, iter.oldHi)) break
+      if (isFrozenSpte(iter.oldLo, iter.oldHi)) return MAP_DONE
       if (iter.level === f.goalLevel) {
         // ---- tdp_mmu_map_handle_target_level()
         // What the function reads before its cmpxchg window is captured before it, as there.
         const oLo = iter.oldLo
-        const replacesTable = isShadowPresentPte(oLo) && !isLastSpte(oLo, iter.level)
-        const targetSlot = f.slot
+        f.replacesTable = isShadowPresentPte(oLo) && !isLastSpte(oLo, iter.level)
+        f.targetSlot = f.slot
         if (!this.makeTargetSpte(vcpu, f, iter)) {
-          ret = RET_PF_SPURIOUS
-          break
+          f.ret = RET_PF_SPURIOUS
+          return MAP_DONE
         }
         // Copied out of the shared scratch SPTE before the yield: other threads use it meanwhile.
-        const nLo = this.tmp.lo
-        const nHi = this.tmp.hi
-        let wrote = false
-        if (nLo !== oLo >>> 0 || nHi !== iter.oldHi >>> 0) {
-          // tdp_mmu_set_spte_atomic(), inlined
-          this.checkAtomicWrite(iter)
-          yield costs.spteCmpxchg
-          const removed = this.commitAtomicWrite(iter, nLo, nHi, true)
-          if (removed === CMPXCHG_FAILED) break // RET_PF_RETRY
-          if (removed !== null) yield* this.handleRemovedPt(removed, true, true)
-          wrote = true
-        }
-        ret = this.mapTargetLevelDone(vcpu, f, targetSlot, wrote, replacesTable, nLo)
-        break
+        f.nLo = this.tmp.lo
+        f.nHi = this.tmp.hi
+        if (f.nLo !== oLo >>> 0 || f.nHi !== iter.oldHi >>> 0) return MAP_TARGET
+        f.ret = this.mapTargetLevelDone(vcpu, f, f.targetSlot, false, f.replacesTable, f.nLo)
+        return MAP_DONE
       }
       const present = isShadowPresentPte(iter.oldLo)
       if (present && !isLargePte(iter.oldLo)) continue
       const sp = this.allocChildSp(iter)
       sp.nxHugePageDisallowed = f.hugePageDisallowed
-      let ok: boolean
-      if (present) ok = yield* this.tdpMmuSplitHugePage(iter, sp, true)
-      else {
-        // tdp_mmu_link_sp(shared) with tdp_mmu_set_spte_atomic(), inlined (see tdpMmuLinkSp).
-        const t = this.nonLeafSpteFor(sp)
-        const lo = t.lo
-        const hi = t.hi
-        this.checkAtomicWrite(iter)
-        yield costs.spteCmpxchg
-        const removed = this.commitAtomicWrite(iter, lo, hi, true)
-        ok = removed !== CMPXCHG_FAILED
-        if (removed !== CMPXCHG_FAILED) {
-          if (removed !== null) yield* this.handleRemovedPt(removed, true, true)
-          this.counters.tdp_mmu_pages++
-        }
-      }
-      if (!ok) {
-        // Never published: free at once.
-        sp.nxHugePageDisallowed = false
-        this.freeSp(sp)
-        this.counters.fault_link_races++
-        break
-      }
-      if (f.hugePageDisallowed && f.reqLevel >= iter.level) {
-        yield* this.pagesLock.lock()
-        if (sp.nxHugePageDisallowed) this.trackPossibleNxHugePage(sp) // recheck under the lock (S15)
-        this.pagesLock.unlock()
-      }
+      f.sp = sp
+      if (present) return MAP_SPLIT
+      // tdp_mmu_link_sp(shared) with tdp_mmu_set_spte_atomic(), inlined (see tdpMmuLinkSp).
+      const t = this.nonLeafSpteFor(sp)
+      f.nLo = t.lo
+      f.nHi = t.hi
+      return MAP_LINK
     }
-    this.rcuUnlock('kvm_tdp_mmu_map')
-    this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
-    return ret
+    return MAP_DONE
+  }
+
+  /** After the target-level cmpxchg: RET_PF_RETRY if it failed, else tdp_mmu_map_handle_target_level()'s end. */
+  private pfTargetWritten(vcpu: KvmVcpu, f: TdpFault, ok: boolean): number {
+    if (ok) f.ret = this.mapTargetLevelDone(vcpu, f, f.targetSlot, true, f.replacesTable, f.nLo)
+    return MAP_DONE
+  }
+
+  /** After linking (cmpxchg `linked`) or splitting into fault.sp: go on down, or give up (RET_PF_RETRY). */
+  private pfLinked(vcpu: KvmVcpu, st: TdpVcpuState, ok: boolean, linked: boolean): number {
+    const f = st.fault
+    const sp = f.sp!
+    if (ok && linked) this.counters.tdp_mmu_pages++
+    if (!ok) {
+      // Never published: free at once.
+      sp.nxHugePageDisallowed = false
+      this.freeSp(sp)
+      this.counters.fault_link_races++
+      return MAP_DONE
+    }
+    if (f.hugePageDisallowed && f.reqLevel >= st.iter.level) return MAP_NX_TRACK
+    st.iter.next()
+    return this.pfMapWalk(vcpu, st)
   }
 
   /**
@@ -1660,9 +1774,10 @@ export class TdpMmu {
     const vm = this.vm
     const lock = vm.mmuLock
     const rcu = vm.rcu
+    // nx_huge_pages_to_zap(): read before SRCU and mmu_lock are taken.
+    const toZap = Math.ceil(this.possibleNx.length / ratio)
     yield* lock.readLock()
     rcu.readLock()
-    const toZap = Math.ceil(this.possibleNx.length / ratio)
     let flush = false
     let zapped = 0
     for (let i = 0; i < toZap; i++) {

@@ -55,6 +55,9 @@ export { Mutex } from './mutex.ts'
 /** wait_queue_head_t with wait_event(), wake_up(), wake_up_all(). */
 export { WaitQueue } from './wait-queue.ts'
 
+/** schedule_timeout() in simulated time: timed sleeps of kernel threads (periodic daemons). */
+export { TimerQueue, type TimerQueueStats } from './timer.ts'
+
 /** RCU: read-side sections, call_rcu(), synchronize_rcu(), rcu_barrier(). */
 export { Rcu, type RcuOptions, type RcuStats } from './rcu.ts'
 

@@ -305,3 +305,82 @@ describe('Scheduler: deadlock detection', () => {
     expect(caught(() => new Scheduler({ costs: { lockAcquire: -1 } })).code).toBe('INVALID_ARGUMENT')
   })
 })
+
+describe('call protocol (sched.call)', () => {
+  it('behaves like yield*: same yields and clocks, return values, nested calls, blocking inside a callee', () => {
+    function run(useCall: boolean): { log: string[]; clock: number; hash: number } {
+      const s = new Scheduler()
+      const l: string[] = []
+      const wq = new WaitQueue(s, 'wq')
+      let ready = false
+      function* leaf(x: number): KernelOp<number> {
+        yield 10
+        l.push(`leaf${x}@${s.now}`)
+        yield 5
+        return x * 2
+      }
+      function* mid(x: number): KernelOp<number> {
+        const a = useCall ? ((yield s.call(leaf(x))) as number) : yield* leaf(x)
+        yield* wq.waitEvent(() => ready)
+        const b = useCall ? ((yield s.call(leaf(a))) as number) : yield* leaf(a)
+        return a + b
+      }
+      const t = s.spawn('a', function* () {
+        const r = useCall ? ((yield s.call(mid(1))) as number) : yield* mid(1)
+        l.push(`r=${r}@${s.now}`)
+        return r
+      })
+      s.spawn('waker', function* () {
+        yield 100
+        ready = true
+        wq.wakeAll()
+      })
+      s.run()
+      expect(t.result).toBe(6)
+      return { log: l, clock: t.clock, hash: s.traceHash }
+    }
+    const a = run(false)
+    const b = run(true)
+    // leaf 2 runs after the waker (t=100) and the wake-up latency of the cost model.
+    expect(b.log).toEqual(['leaf1@10', `leaf2@${String(b.clock - 5)}`, `r=6@${String(b.clock)}`])
+    expect(b.clock).toBeGreaterThan(115)
+    expect(b).toEqual(a)
+  })
+
+  it('throws a callee exception into its caller, whose try/finally runs', () => {
+    const s = new Scheduler()
+    const seen: string[] = []
+    function* bad(): KernelOp<number> {
+      yield 1
+      throw new Error('boom')
+    }
+    const t = s.spawn('a', function* () {
+      try {
+        yield s.call(bad())
+        seen.push('not reached')
+      } catch (e) {
+        seen.push(`caught ${(e as Error).message}`)
+      } finally {
+        seen.push('finally')
+      }
+      yield 2
+      return 7
+    })
+    s.run()
+    expect(seen).toEqual(['caught boom', 'finally'])
+    expect(t.result).toBe(7)
+    expect(t.clock).toBe(3)
+  })
+
+  it('an uncaught callee exception fails the thread with THREAD_FAILED', () => {
+    const s = new Scheduler()
+    function* bad(): KernelOp {
+      yield 1
+      throw new Error('deep')
+    }
+    s.spawn('a', function* () {
+      yield s.call(bad())
+    })
+    expect(() => s.run()).toThrow(/thread "a" \(#0\) failed at t=1 ns: deep/)
+  })
+})

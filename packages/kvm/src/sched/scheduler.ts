@@ -30,6 +30,11 @@ export type Yield = number | WaitTarget
 /** A kernel operation: a generator that yields at preemption points and returns R. */
 export type KernelOp<R = void> = Generator<Yield, R, unknown>
 
+/** What {@link Scheduler.call} returns for the caller to yield: never a real wait target. */
+const CALL: WaitTarget = {
+  describeWait: () => 'a call (sched.call) that was never entered',
+}
+
 /** A pure preemption point (cond_resched() that did not reschedule): charges nothing. */
 export const PREEMPT = 0
 
@@ -93,13 +98,20 @@ export class Thread<R = unknown> implements WaitTarget {
   /** @internal PCT priority (chaos mode); higher runs first. */ priority = 0
   /** @internal clock at the last voluntary reschedule; drives needResched(). */ lastReschedAt: number
   /** @internal threads blocked in join() on this one. */ joiners: Thread[] | null = null
+  /** @internal generators suspended in a {@link Scheduler.call}, innermost last. */ callers: KernelOp<unknown>[] | null = null
+  /**
+   * A daemon (a kernel thread such as `kvm-nx-lpage-recovery`, see {@link SpawnOptions.daemon}):
+   * it does not keep an unbounded {@link Scheduler.run} going on its own.
+   */
+  readonly daemon: boolean
 
   /** @internal use Scheduler.spawn */
-  constructor(id: number, name: string, clock: number) {
+  constructor(id: number, name: string, clock: number, daemon = false) {
     this.id = id
     this.name = name
     this.clock = clock
     this.lastReschedAt = clock
+    this.daemon = daemon
   }
 
   /** `"name" (#id)`, the form used in every diagnostic. */
@@ -139,6 +151,16 @@ export interface SchedulerOptions {
 export interface SpawnOptions {
   /** Start clock in ns; default: the spawning thread's clock, or `sched.now` outside threads. */
   readonly startTime?: number
+  /**
+   * A daemon thread: a per-VM kernel thread that lives as long as its owner and sleeps between
+   * rounds of work (KVM's `kvm-nx-lpage-recovery` vhost task, a kthread in a
+   * `schedule_timeout()` loop). A `run()` without an `until` horizon returns `idle` once every
+   * non-daemon thread has finished and no daemon is runnable, and it does not fire timers that
+   * only daemons sleep on unless some non-daemon work (a thread or an event such as an RCU
+   * callback) remains; with `until`, daemons keep running up to the horizon. Someone must stop
+   * a daemon (e.g. at VM destruction) if it should finish. Default false.
+   */
+  readonly daemon?: boolean
 }
 
 export interface RunOptions {
@@ -156,14 +178,20 @@ export interface RunResult {
 }
 
 /**
- * A source of timed events (RCU grace-period completion). The scheduler asks it before each
- * step and fires what is due, so events happen in simulated-time order with thread steps.
+ * A source of timed events (RCU grace-period completion, timer expiry). The scheduler asks it
+ * before each step and fires what is due, so events happen in simulated-time order with thread
+ * steps.
  */
 export interface TimedEventSource {
   /** Earliest time at which an event can fire, or Infinity if none is ready. */
   nextEventTime(): number
   /** Fire every event due at or before `upTo`. */
   fireDue(upTo: number): void
+  /**
+   * Earliest event that matters to non-daemon work, i.e. excluding events whose only effect is
+   * waking a daemon thread (see {@link SpawnOptions.daemon}). Default: {@link nextEventTime}.
+   */
+  nextNonDaemonEventTime?(): number
 }
 
 /** Counters that make runs comparable; identical for identical programs and seeds. */
@@ -191,6 +219,8 @@ export class Scheduler {
   private readonly threads: Thread[] = []
   /** Threads not yet finished; order irrelevant (picking compares ids). */
   private live: Thread[] = []
+  /** How many of {@link live} are daemons. */
+  private liveDaemons = 0
   private readonly sources: TimedEventSource[] = []
   private cur: Thread | null = null
   private inCallback = false
@@ -245,6 +275,11 @@ export class Scheduler {
     return this.threads
   }
 
+  /** Threads spawned and not yet finished (daemons included). */
+  get liveThreads(): number {
+    return this.live.length
+  }
+
   /** FNV-1a hash of the thread ids run so far: equal hashes ⇔ (practically) equal interleavings. */
   get traceHash(): number {
     return this.hash
@@ -256,11 +291,12 @@ export class Scheduler {
     if (!(start >= 0 && start < Infinity)) {
       throw new ConcurrencyError('INVALID_ARGUMENT', `spawn("${name}"): startTime must be finite and ≥ 0, got ${start}.`)
     }
-    const t = new Thread<R>(this.threads.length, name, start)
+    const t = new Thread<R>(this.threads.length, name, start, options.daemon ?? false)
     t.gen = fn()
     if (this.prng !== null) t.priority = this.changeSteps.length + 1 + this.prng.nextU32()
     this.threads.push(t)
     this.live.push(t)
+    if (t.daemon) this.liveDaemons++
     return t
   }
 
@@ -376,6 +412,10 @@ export class Scheduler {
    * Run threads until all finished (`idle`), the `until` horizon, or `maxSteps`. Throws
    * `THREAD_FAILED` (cause: the thread's error) if a thread throws, and `DEADLOCK` if threads
    * remain but none can run and no event is pending. Can be called again to continue.
+   * Daemon threads ({@link SpawnOptions.daemon}) do not count as remaining work: without
+   * `until`, the run is `idle` once only daemons are left and none of them is runnable, and
+   * timers that only wake daemons are not fired for their own sake (if non-daemon threads remain
+   * blocked with nothing but such timers pending, that is a `DEADLOCK`).
    */
   run(options: RunOptions = {}): RunResult {
     if (this.running) throw new ConcurrencyError('SCHEDULER_BUSY', 'run() called from inside a simulated thread; yield instead.')
@@ -389,13 +429,15 @@ export class Scheduler {
         const t = this.pick(until)
         const te = this.nextEventTime()
         if (t === null) {
-          if (te < until) {
-            this.fireEvents(te)
+          // Without a horizon, events that only wake daemons do not keep the run going.
+          const tf = until === Infinity && this.liveDaemons > 0 && this.nextNonDaemonEventTime() === Infinity ? Infinity : te
+          if (tf < until) {
+            this.fireEvents(tf)
             continue
           }
-          if (this.live.length === 0) return { reason: 'idle', steps }
           if (until < Infinity && this.hasRunnable()) return { reason: 'until', steps }
-          if (te < Infinity) return { reason: 'until', steps }
+          if (this.live.length === this.liveDaemons) return { reason: 'idle', steps }
+          if (tf < Infinity) return { reason: 'until', steps }
           throw this.deadlockError()
         }
         if (te <= t.clock) {
@@ -420,6 +462,17 @@ export class Scheduler {
     let te = Infinity
     for (let i = 0; i < this.sources.length; i++) {
       const x = this.sources[i]!.nextEventTime()
+      if (x < te) te = x
+    }
+    return te
+  }
+
+  /** The earliest event that is not only a daemon's wake-up (see {@link TimedEventSource.nextNonDaemonEventTime}). */
+  private nextNonDaemonEventTime(): number {
+    let te = Infinity
+    for (let i = 0; i < this.sources.length; i++) {
+      const s = this.sources[i]!
+      const x = s.nextNonDaemonEventTime === undefined ? s.nextEventTime() : s.nextNonDaemonEventTime()
       if (x < te) te = x
     }
     return te
@@ -479,7 +532,7 @@ export class Scheduler {
     this.cur = t
     let r: IteratorResult<Yield, unknown>
     try {
-      r = t.gen!.next()
+      r = this.resume(t)
       if (r.done === true) {
         if (t.held.length > 0) {
           throw new ConcurrencyError(
@@ -516,13 +569,73 @@ export class Scheduler {
     for (let i = 0; i < this.changeSteps.length; i++) if (this.changeSteps[i] === stepNo) t.priority = i + 1
   }
 
+  /**
+   * Make `op` a call of the running thread's current generator: `const r = (yield
+   * sched.call(op)) as R` behaves as `const r = yield* op`, but while `op` runs the scheduler
+   * resumes it directly rather than through every generator delegating to it (V8 resumes each
+   * level of a `yield*` chain on every step). For hot call sites such as the vCPU loop's page
+   * fault; the caller must be a thread's own generator chain, driven by this scheduler.
+   */
+  call(op: KernelOp<unknown>): Yield {
+    if (DEBUG && this.pendingCall !== null) throw new ConcurrencyError('INVALID_ARGUMENT', 'call(): a call is already pending; yield the value call() returned at once.')
+    this.pendingCall = op
+    return CALL
+  }
+
+  private pendingCall: KernelOp<unknown> | null = null
+
+  /**
+   * Resume the thread's innermost generator until it yields a cost or a wait target or the
+   * thread's outermost generator returns, following the call protocol of {@link call}: enter a
+   * pending call, hand a callee's result to its caller, or throw a callee's exception into it
+   * (as `yield*` would).
+   */
+  private resume(t: Thread): IteratorResult<Yield, unknown> {
+    let g = t.gen!
+    let val: unknown = undefined
+    let throwing = false
+    for (;;) {
+      let r: IteratorResult<Yield, unknown>
+      try {
+        r = throwing ? g.throw(val) : g.next(val)
+      } catch (e) {
+        const c = t.callers
+        if (c === null || c.length === 0) throw e
+        g = c.pop()!
+        t.gen = g
+        val = e
+        throwing = true
+        continue
+      }
+      throwing = false
+      if (r.done !== true) {
+        if (r.value !== CALL) return r
+        const callee = this.pendingCall
+        if (callee === null) throw new ConcurrencyError('INVALID_ARGUMENT', `thread ${t.label} yielded the call token without sched.call(op).`)
+        this.pendingCall = null
+        ;(t.callers ??= []).push(g)
+        g = callee
+        t.gen = g
+        val = undefined
+        continue
+      }
+      const c = t.callers
+      if (c === null || c.length === 0) return r
+      g = c.pop()!
+      t.gen = g
+      val = r.value
+    }
+  }
+
   private finish(t: Thread, state: 'done' | 'failed'): void {
     t.state = state
     t.gen = null
+    t.callers = null
     const idx = this.live.indexOf(t)
     if (idx >= 0) {
       this.live[idx] = this.live[this.live.length - 1]!
       this.live.pop()
+      if (t.daemon) this.liveDaemons--
     }
     if (t.clock > this.nowNs) this.nowNs = t.clock
     const joiners = t.joiners
