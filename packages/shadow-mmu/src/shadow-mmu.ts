@@ -168,6 +168,8 @@ export class VcpuMmu {
    */
   lastRetryEip = 0
   lastRetryAddr = 0
+  /** FNAME(page_fault)'s state that lives across its yields (see ShadowMmu.shadowPageFault). */
+  readonly pf = new ShadowFault()
 
   constructor(vcpu: KvmVcpu, unbackedTables: 'open-bus' | 'kvm' = 'open-bus') {
     this.vcpu = vcpu
@@ -181,6 +183,36 @@ interface SetSpteFault {
   prefetch: boolean
   hostWritable: boolean
 }
+
+/**
+ * The shadow page fault in progress (`struct kvm_page_fault` and FNAME(fetch)'s position): plain
+ * fields, so the fault's generator keeps no locals across its yields.
+ */
+export class ShadowFault {
+  addr = 0
+  gfn = 0
+  write = false
+  /** The error code's U bit. */
+  user = false
+  slot: Memslot | null = null
+  pfn = 0
+  hostWritable = true
+  hva = 0
+  pteAccess = 0
+  mmuSeq = 0
+  /** FNAME(fetch)'s walk: the shadow page and entry it is at, and the child it is linking. */
+  sp: MmuPage | null = null
+  level = 0
+  idx = 0
+  child: MmuPage | null = null
+  /** mmu_set_spte()'s fault argument, reused. */
+  readonly setSpte: SetSpteFault = { write: false, prefetch: false, hostWritable: true }
+}
+
+/** shadowPageFault's steps: go on (besides RET_PF_*). */
+const SPF_GO = -100
+/** FNAME(fetch) stopped before linking a child with unsync children: sync it first. */
+const FETCH_SYNC = -101
 const PREFETCH_FAULT: SetSpteFault = { write: false, prefetch: true, hostWritable: true }
 
 /**
@@ -1301,9 +1333,9 @@ export class ShadowMmu implements MmuInstance {
     const gfn = Math.floor(gpa / 4096)
     const slot = this.vm.memslots.gfnToMemslot(gm.asId, gfn, gm.cache)
     if (slot === null) return false
-    const hit = this.vm.host.lookup(gfnToHvaMemslot(slot, gfn))
-    if (hit === null) return false
-    const hpa = hit.pfn * 4096 + (gpa % 4096)
+    const pfn = this.vm.host.lookupPfn(gfnToHvaMemslot(slot, gfn))
+    if (pfn < 0) return false
+    const hpa = pfn * 4096 + (gpa - gfn * 4096)
     this.gLo = this.mem.read64(hpa)
     this.gHi = this.mem.hi64
     this.vm.sched.charge(this.costs.memoryRef)
@@ -1791,11 +1823,42 @@ export class ShadowMmu implements MmuInstance {
 
   /** FNAME(page_fault)(): the shadow-paging fault. */
   private *shadowPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
+    // The generator only yields; the work is in plain methods over v.pf, so its frame (copied on
+    // every suspend and resume) stays small and nothing is allocated per step.
+    const r0 = this.shadowFaultBegin(v, f)
+    if (r0 !== SPF_GO) return r0
+    yield this.costs.gup
+    this.shadowFaultAdjustAccess(v)
+    const lock = this.vm.mmuLock
+    const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
+    if (acquireNs >= 0) yield acquireNs
+    else yield* lock.writeLock()
+    try {
+      const r1 = this.shadowFaultLocked(v)
+      if (r1 !== SPF_GO) return r1
+      // The fault's software work, done holding mmu_lock for write: it serializes vCPUs.
+      yield this.costs.mmuFaultWork
+      let r = this.fetchStart(v)
+      while (r === FETCH_SYNC) {
+        // Sync before link: the guest may use a just-made-present gPTE without flushing.
+        if ((yield* this.mmuSyncChildren(v, v.pf.child!, false)) !== 0) return RET_PF_RETRY
+        r = this.fetchResume(v)
+      }
+      return r
+    } finally {
+      lock.writeUnlock()
+    }
+  }
+
+  /**
+   * FNAME(page_fault)() up to GUP: walk the guest tables (FNAME(walk_addr), injecting a #PF),
+   * page_fault_handle_page_track(), snapshot mmu_invalidate_seq, faultin the pfn. SPF_GO or RET_PF_*.
+   */
+  private shadowFaultBegin(v: VcpuMmu, f: PageFault): RetPf | typeof SPF_GO {
     const vcpu = v.vcpu
     const vm = this.vm
     const ec = f.errorCode
     const write = (ec & PFERR_W) !== 0
-    const user = (ec & PFERR_U) !== 0
     const w = v.walker
     vm.sched.charge(this.costs.memoryRef * (v.guestLevels + 1))
     if (!w.walkAddr(vcpu, f.addr, f.kind, ec)) {
@@ -1808,32 +1871,40 @@ export class ShadowMmu implements MmuInstance {
       this.shadowPageTableClearFloodingCount(v, f.addr)
       return this.retPfWriteProtected
     }
-    const mmuSeq = vm.notifierState.seq
+    const p = v.pf
+    p.addr = f.addr
+    p.gfn = gfn
+    p.write = write
+    p.mmuSeq = vm.notifierState.seq
     const out = this.pfnOut
-    const slot = this.faultinPfn(vcpu, gfn, write, out)
+    p.slot = this.faultinPfn(vcpu, gfn, write, out)
     // kvm_handle_error_pfn(): a write to a read-only memslot is emulated (an MMIO exit; here open bus).
     if (out.roFault) return RET_PF_EMULATE
-    const pfn = out.pfn
-    const hostWritable = out.hostWritable
-    const hva = out.hva
-    yield cost(this.costs.gup)
-    let pteAccess = w.pteAccess
-    if (write && (pteAccess & ACC_WRITE_MASK) === 0 && (vcpu.hw.state.cr0 & CR0_WP) === 0 && !user && slot !== null) {
-      // CR0.WP=0: a supervisor write to a read-only page maps it writable, supervisor-only.
-      pteAccess |= ACC_WRITE_MASK
-      pteAccess &= ~ACC_USER_MASK
-      if ((vcpu.hw.state.cr4 & CR4_SMEP) !== 0) pteAccess &= ~ACC_EXEC_MASK
+    p.pfn = out.pfn
+    p.hostWritable = out.hostWritable
+    p.hva = out.hva
+    p.pteAccess = w.pteAccess
+    p.user = (ec & PFERR_U) !== 0
+    return SPF_GO
+  }
+
+  /** CR0.WP=0: a supervisor write to a read-only page maps it writable, supervisor-only. */
+  private shadowFaultAdjustAccess(v: VcpuMmu): void {
+    const p = v.pf
+    const state = v.vcpu.hw.state
+    if (p.write && (p.pteAccess & ACC_WRITE_MASK) === 0 && (state.cr0 & CR0_WP) === 0 && !p.user && p.slot !== null) {
+      p.pteAccess |= ACC_WRITE_MASK
+      p.pteAccess &= ~ACC_USER_MASK
+      if ((state.cr4 & CR4_SMEP) !== 0) p.pteAccess &= ~ACC_EXEC_MASK
     }
-    yield* vm.mmuLock.writeLock()
-    try {
-      if (this.isPageFaultStale(v, mmuSeq, gfn, slot)) return RET_PF_RETRY
-      if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
-      // The fault's software work, done holding mmu_lock for write: it serializes vCPUs.
-      yield cost(this.costs.mmuFaultWork)
-      return yield* this.fetch(v, f.addr, gfn, slot, pfn, hostWritable, hva, pteAccess, write)
-    } finally {
-      vm.mmuLock.writeUnlock()
-    }
+  }
+
+  /** Under mmu_lock: is_page_fault_stale() and make_mmu_pages_available(). SPF_GO or RET_PF_RETRY. */
+  private shadowFaultLocked(v: VcpuMmu): RetPf | typeof SPF_GO {
+    const p = v.pf
+    if (this.isPageFaultStale(v, p.mmuSeq, p.gfn, p.slot)) return RET_PF_RETRY
+    if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
+    return SPF_GO
   }
 
   /** clear_sp_write_flooding_count() on the shadow walk of `addr` (kvm_mmu_pte_write's reset on a tracked fault). */
@@ -1874,7 +1945,13 @@ export class ShadowMmu implements MmuInstance {
   }
 
   /** FNAME(fetch)(): build the shadow hierarchy for the walked translation and set the leaf. */
-  private *fetch(v: VcpuMmu, addr: number, gfn: number, slot: Memslot | null, pfn: number, hostWritable: boolean, hva: number, pteAccess: number, write: boolean): KernelOp<RetPf> {
+  /**
+   * FNAME(fetch)(), as plain steps over v.pf: re-check the walked gPTEs, find or create a shadow
+   * page per guest table and link it, then the direct part and the leaf (mmu_set_spte, prefetch).
+   * Returns RET_PF_* or FETCH_SYNC: a child to link has unsync children; the caller syncs it
+   * (mmuSyncChildren, which may yield) and continues with fetchResume().
+   */
+  private fetchStart(v: VcpuMmu): RetPf | typeof FETCH_SYNC {
     const w = v.walker
     if (this.gpteChanged(v, w.maxLevel)) return RET_PF_RETRY
     if (this.kvmMmuIsDummyRoot(v.root.hpa)) {
@@ -1883,44 +1960,68 @@ export class ShadowMmu implements MmuInstance {
       v.vcpu.makeRequest(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
       return RET_PF_RETRY
     }
-    let sp = this.spOfHpa(v.root.hpa)
-    let level = sp.level
-    let idx = spteIndex(addr, level)
-    // The indirect part: one shadow page per guest table.
+    const p = v.pf
+    p.sp = this.spOfHpa(v.root.hpa)
+    p.level = p.sp.level
+    p.idx = spteIndex(p.addr, p.level)
+    return this.fetchWalk(v)
+  }
+
+  /** FNAME(fetch) after syncing the unsync children of v.pf.child: link it and go on. */
+  private fetchResume(v: VcpuMmu): RetPf | typeof FETCH_SYNC {
+    if (!this.fetchLinkChild(v, true)) return RET_PF_RETRY
+    return this.fetchWalk(v)
+  }
+
+  /** FNAME(fetch)'s indirect part from v.pf's position: one shadow page per guest table. */
+  private fetchWalk(v: VcpuMmu): RetPf | typeof FETCH_SYNC {
+    const w = v.walker
+    const p = v.pf
     for (;;) {
+      const sp = p.sp!
       sp.writeFloodingCount = 0
-      if (level === w.level) break
-      const tableGfn = w.tableGfn[level - 1]!
-      const access = w.ptAccess[level - 1]!
-      const lo = this.readSpte(sp.hpa + idx * 8)
+      if (p.level === w.level) break
+      const lo = this.readSpte(sp.hpa + p.idx * 8)
       const hi = this.mem.hi64
-      let child: MmuPage
-      let created: boolean
       if (isShadowPresentPte(lo) && !isLargePte(lo)) {
-        child = this.childOf(lo, hi)
-        created = false
+        p.child = this.childOf(lo, hi)
+        if (!this.fetchLinkChild(v, false)) return RET_PF_RETRY
       } else {
-        child = this.kvmMmuGetShadowPage(v, tableGfn, this.childRole(sp.role, false, access))
-        created = true
-        // Sync before link: the guest may use a just-made-present gPTE without flushing.
-        if (child.unsyncChildren !== 0 && (yield* this.mmuSyncChildren(v, child, false)) !== 0) return RET_PF_RETRY
+        p.child = this.kvmMmuGetShadowPage(v, w.tableGfn[p.level - 1]!, this.childRole(sp.role, false, w.ptAccess[p.level - 1]!))
+        if (p.child.unsyncChildren !== 0) return FETCH_SYNC
+        if (!this.fetchLinkChild(v, true)) return RET_PF_RETRY
       }
-      if (this.gpteChanged(v, level - 1)) return RET_PF_RETRY
-      if (created) this.linkShadowPage(sp, idx, child)
-      sp = child
-      level--
-      idx = spteIndex(addr, level)
     }
-    // The direct part: a guest huge page backed by smaller host mappings.
-    const goal = this.hugepageAdjust(slot, gfn, w.level, hva)
-    const direct = w.pteAccess
-    this.directDescend(v, sp, idx, addr, gfn, level, goal, direct, true)
-    sp = this.descSp
-    idx = this.descIdx
+    return this.fetchLeaf(v)
+  }
+
+  /** FNAME(fetch)'s step down to v.pf.child: the gpte_changed re-check, link a new child. False: retry. */
+  private fetchLinkChild(v: VcpuMmu, created: boolean): boolean {
+    const p = v.pf
+    if (this.gpteChanged(v, p.level - 1)) return false
+    if (created) this.linkShadowPage(p.sp!, p.idx, p.child!)
+    p.sp = p.child
+    p.level--
+    p.idx = spteIndex(p.addr, p.level)
+    return true
+  }
+
+  /** FNAME(fetch)'s direct part (a guest huge page backed by smaller host mappings) and the leaf. */
+  private fetchLeaf(v: VcpuMmu): RetPf {
+    const w = v.walker
+    const p = v.pf
+    const goal = this.hugepageAdjust(p.slot, p.gfn, w.level, p.hva)
+    this.directDescend(v, p.sp!, p.idx, p.addr, p.gfn, p.level, goal, w.pteAccess, true)
+    const sp = this.descSp
+    const idx = this.descIdx
     const pages = kvmPagesPerHpage(goal)
-    const baseGfn = gfn - (gfn % pages)
-    if (slot === null) v.vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
-    const ret = this.mmuSetSpte(slot, sp, idx, pteAccess, baseGfn, pfn - (pfn % pages), { write, prefetch: false, hostWritable })
+    const baseGfn = p.gfn - (p.gfn % pages)
+    if (p.slot === null) v.vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
+    const sf = p.setSpte
+    sf.write = p.write
+    sf.prefetch = false
+    sf.hostWritable = p.hostWritable
+    const ret = this.mmuSetSpte(p.slot, sp, idx, p.pteAccess, baseGfn, p.pfn - (p.pfn % pages), sf)
     if (ret !== RET_PF_SPURIOUS && this.config.prefetch) this.ptePrefetch(v, sp, idx)
     return ret
   }
@@ -1947,11 +2048,11 @@ export class ShadowMmu implements MmuInstance {
   private atomicPfn(slot: Memslot, gfn: number): number {
     if ((slot.flags & KVM_MEM_READONLY) !== 0) return -1
     const hva = gfnToHvaMemslot(slot, gfn)
-    const hit = this.vm.host.lookup(hva)
-    if (hit === null) return -1
+    const pfn = this.vm.host.lookupPfn(hva)
+    if (pfn < 0) return -1
     const vma = this.vm.host.findVma(hva)
     if (vma === undefined || vma.readonly) return -1
-    return hit.pfn
+    return pfn
   }
 
   /** FNAME(prefetch_gpte)(). */
@@ -2459,8 +2560,12 @@ export function kvmEventNeedsReinjection(_vcpu: KvmVcpu): boolean {
 
 /** Index of `addr` in a table of `level` (signed canonical addresses are exact). */
 export function spteIndex(addr: number, level: number): number {
-  return Math.floor(addr / 2 ** (12 + 9 * (level - 1))) & 511
+  // × an exact power of two from a table: `2 ** n` with a variable n is a slow pow() call.
+  return Math.floor(addr * INDEX_SCALE[level]!) & 511
 }
+
+/** 2^-(12 + 9·(level - 1)) per level. */
+const INDEX_SCALE: readonly number[] = [1, 2 ** -12, 2 ** -21, 2 ** -30, 2 ** -39, 2 ** -48]
 
 /** FNAME(gpte_access). */
 function gpteAccessOf(lo: number, hi: number, nxe: boolean): number {

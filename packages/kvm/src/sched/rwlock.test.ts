@@ -270,3 +270,36 @@ describe('RwLock (mmu_lock)', () => {
     }
   })
 })
+
+describe('writeLockFast', () => {
+  it('takes a free lock like writeLock (same clock, cost and stats) and refuses a held one', () => {
+    function run(fast: boolean): { clock: number; acq: number; got: number[] } {
+      const s = new Scheduler()
+      const l = new RwLock(s, 'mmu_lock')
+      const got: number[] = []
+      const a = s.spawn('a', function* () {
+        if (fast) {
+          const ns = l.writeLockFast()
+          got.push(ns)
+          yield ns
+        } else yield* l.writeLock()
+        yield 100
+        l.writeUnlock()
+      })
+      s.spawn('b', function* () {
+        yield 10
+        // Held by a: the fast path refuses and the caller blocks in writeLock().
+        got.push(l.writeLockFast())
+        yield* l.writeLock()
+        l.writeUnlock()
+      })
+      s.run()
+      return { clock: a.clock, acq: l.stats.write.acquisitions, got }
+    }
+    const slow = run(false)
+    const fast = run(true)
+    expect(fast.got).toEqual([DEFAULT_COSTS.lockAcquire, -1])
+    expect({ clock: fast.clock, acq: fast.acq }).toEqual({ clock: slow.clock, acq: slow.acq })
+    expect(fast.acq).toBe(2)
+  })
+})

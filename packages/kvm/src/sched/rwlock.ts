@@ -160,6 +160,23 @@ export class RwLock implements WaitTarget, HeldResource {
   }
 
   /** write_lock(): exclusive acquisition, FIFO behind earlier waiters. */
+  /**
+   * {@link writeLock} without a generator for an uncontended lock (a hot path's fast path, like
+   * {@link readLockFast}): takes it and returns the acquisition cost to yield, or -1 when the
+   * caller must block in writeLock() instead (held, queued, or held by the caller).
+   */
+  writeLockFast(): number {
+    const t = this.sched.current
+    if (t === null || this.writer !== null || this.readerThreads !== 0 || this.queue.size > 0) return -1
+    const start = t.clock
+    const contended = this.lastRelease > start
+    if (contended) t.clock = this.lastRelease
+    this.grantWrite(t)
+    recordWait(this.stats.write, t.clock - start, contended)
+    const c = this.sched.costs
+    return contended ? c.lockAcquire + c.cacheLineTransfer : c.lockAcquire
+  }
+
   *writeLock(): KernelOp {
     const t = this.sched.current ?? this.sched.requireCurrent(`write_lock(${this.name})`)
     const mine = this.heldBy(t)
