@@ -1330,16 +1330,22 @@ export class ShadowMmu implements MmuInstance {
 
   /** Read the 8-byte gPTE at `gpa` without faulting host memory in (kvm_vcpu_read_guest_atomic) into gLo/gHi. */
   private readGpteAtomic(gm: GuestMemory, gpa: number): boolean {
-    const gfn = Math.floor(gpa / 4096)
-    const slot = this.vm.memslots.gfnToMemslot(gm.asId, gfn, gm.cache)
-    if (slot === null) return false
-    const pfn = this.vm.host.lookupPfn(gfnToHvaMemslot(slot, gfn))
-    if (pfn < 0) return false
-    const hpa = pfn * 4096 + (gpa - gfn * 4096)
+    const hpa = this.gpteHpa(gm, gpa)
+    if (hpa < 0) return false
     this.gLo = this.mem.read64(hpa)
     this.gHi = this.mem.hi64
     this.vm.sched.charge(this.costs.memoryRef)
     return true
+  }
+
+  /** Where {@link readGpteAtomic} reads `gpa` (no fault-in: the page must be present), or -1. */
+  private gpteHpa(gm: GuestMemory, gpa: number): number {
+    const gfn = Math.floor(gpa / 4096)
+    const slot = this.vm.memslots.gfnToMemslot(gm.asId, gfn, gm.cache)
+    if (slot === null) return -1
+    const pfn = this.vm.host.lookupPfn(gfnToHvaMemslot(slot, gfn))
+    if (pfn < 0) return -1
+    return pfn * 4096 + (gpa - gfn * 4096)
   }
 
   /** FNAME(prefetch_invalid_gpte): not present, reserved bits, or not accessed → drop the SPTE. */
@@ -1666,7 +1672,8 @@ export class ShadowMmu implements MmuInstance {
       r = RET_PF_INVALID
       if ((fault.errorCode & PFERR_RSVD) !== 0 || (this.config.tdp && fault.exitReason === EXIT_EPT_MISCONFIG)) r = this.handleMmioPageFault(v, fault.addr)
       if (r === RET_PF_INVALID) {
-        r = v.direct ? yield* this.directPageFault(v, fault) : yield* this.shadowPageFault(v, fault)
+        // A scheduler call rather than yield*: the fault's yields then resume it, not this frame too.
+        r = (yield this.vm.sched.call(v.direct ? this.directPageFault(v, fault) : this.shadowPageFault(v, fault))) as RetPf
         if (r === RET_PF_WRITE_PROTECTED) {
           this.counters.writeProtectedFaults++
           r = yield* this.kvmMmuWriteProtectFault(v, fault)
@@ -1928,23 +1935,25 @@ export class ShadowMmu implements MmuInstance {
     if (level === 1) {
       const base = gpa - (gpa % (PTE_PREFETCH_NUM * 8))
       const index = (gpa - base) / 8
-      for (let i = 0; i < PTE_PREFETCH_NUM; i++) {
-        if (!this.readGpteAtomic(gm, base + i * 8)) {
-          w.prefetchLo[i] = 0
-          w.prefetchHi[i] = 0
-          if (i === index) return true
-          continue
-        }
-        w.prefetchLo[i] = this.gLo
-        w.prefetchHi[i] = this.gHi
+      // The 8 gPTEs share one guest page: translate it once, then 8 reads.
+      const hpa = this.gpteHpa(gm, base)
+      if (hpa < 0) {
+        w.prefetchLo.fill(0)
+        w.prefetchHi.fill(0)
+        return true
       }
+      const m = this.mem
+      for (let i = 0; i < PTE_PREFETCH_NUM; i++) {
+        w.prefetchLo[i] = m.read64(hpa + i * 8)
+        w.prefetchHi[i] = m.hi64
+      }
+      this.vm.sched.charge(this.costs.memoryRef * PTE_PREFETCH_NUM)
       return w.prefetchLo[index] !== w.ptesLo[level] || w.prefetchHi[index] !== w.ptesHi[level]
     }
     if (!this.readGpteAtomic(gm, gpa)) return true
     return this.gLo !== w.ptesLo[level] || this.gHi !== w.ptesHi[level]
   }
 
-  /** FNAME(fetch)(): build the shadow hierarchy for the walked translation and set the leaf. */
   /**
    * FNAME(fetch)(), as plain steps over v.pf: re-check the walked gPTEs, find or create a shadow
    * page per guest table and link it, then the direct part and the leaf (mmu_set_spte, prefetch).
