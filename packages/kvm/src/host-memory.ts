@@ -119,14 +119,16 @@ export class BuddyFrameAllocator {
       this.stats.failures++
       return -1
     }
+    // `1 << k`, not `2 ** k` (a pow() call with a variable exponent): k ≤ MAX_ORDER.
     while (k > order) {
       k--
-      this.pushFree(f + 2 ** k, k) // upper half back to the free list
+      this.pushFree(f + (1 << k), k) // upper half back to the free list
     }
-    const n = 2 ** order
+    const n = 1 << order
+    const mem = this.mem
     for (let i = 0; i < n; i++) {
       this.inUse[f - this.firstFrame + i] = 1
-      this.mem.unpoison(f + i)
+      if (mem.isPoisoned(f + i)) mem.unpoison(f + i)
     }
     this.stats.allocated += n
     this.stats.free -= n
