@@ -182,13 +182,13 @@ function popcount(x: number): number {
   return n
 }
 
-/** Age every slot through the MMU notifier (page_idle / clear_young on all guest memory). */
+/**
+ * Age every slot as access_tracking_perf_test's page_idle writes do: `mmu_notifier_clear_young`
+ * (no TLB flush) on all guest memory, through KVM's notifier path (`vm.hostAgeOp`): without
+ * mmu_lock for a strategy that ages locklessly (the TDP MMU since 6.15), under it otherwise.
+ */
 export function markIdle(vm: Vm): void {
   for (const s of vm.memslots.space(0).sorted) {
-    const hva = s.userspaceAddr
-    const bytes = s.npages * 4096
-    vm.hostOp('mark_idle', vm.sched.now, (h) => {
-      h.age(hva, bytes)
-    })
+    vm.hostAgeOp('mark_idle', vm.sched.now, s.userspaceAddr, s.npages * 4096, 'clear_young')
   }
 }
