@@ -7,8 +7,7 @@
  *   (src/testing/populate-guest.ts): one page fault per 4 KiB page under shadow paging. This is
  *   issue 6's "faults/s (shadow, 1 vCPU)" figure.
  * - `guest-OS memstress 4 MiB/vCPU` and `fork storm`: the guest OS demand-pages (zeroes each new
- *   page, writes its PTEs, breaks CoW), so much of the run is guest work. "faults/s (MMU)" divides
- *   by the time spent inside the MMU's pageFault alone, measured in a separate instrumented run.
+ *   page, writes its PTEs, breaks CoW), so much of the run is guest work, not MMU work.
  */
 import { Bench } from 'tinybench'
 import { type Cpu, forkStorm, GuestOs, memstress, type Routine } from '@mmusim/guest'
@@ -26,25 +25,6 @@ interface Outcome {
   simNs: number
   lockWaitNs: number
   shadowPages: number
-}
-
-/** Time every step of the MMU's page-fault generator (excluding what other threads do while it waits). */
-function instrument(vm: Vm): { ms: number } {
-  const acc = { ms: 0 }
-  const mmu = vm.mmu
-  const orig = mmu.pageFault.bind(mmu)
-  mmu.pageFault = function* (vcpu, fault) {
-    const g = orig(vcpu, fault)
-    let input: unknown = undefined
-    for (;;) {
-      const t0 = performance.now()
-      const r = g.next(input)
-      acc.ms += performance.now() - t0
-      if (r.done === true) return r.value
-      input = yield r.value
-    }
-  }
-  return acc
 }
 
 /** A VM ready to run `program`, and a check to make after the run. */
@@ -84,9 +64,8 @@ const strategies: [string, MmuStrategy][] = [
   ['legacy-tdp', legacyTdpStrategy],
 ]
 
-const bench = new Bench({ iterations, time: 0, warmupIterations: 1, warmupTime: 0 })
+const bench = new Bench({ iterations, time: 0, warmupIterations: 2, warmupTime: 0 })
 const outcomes = new Map<string, Outcome>()
-const mmuMs = new Map<string, number>()
 for (const [wname, program] of workloads) {
   for (const [sname, strategy] of strategies) {
     for (const n of [1, 2, 4]) {
@@ -109,13 +88,6 @@ for (const [wname, program] of workloads) {
           },
         },
       )
-      // The MMU-only time, from one instrumented run outside the timed ones.
-      const p = prepare(strategy, n, program)
-      const timer = instrument(p.vm)
-      p.vm.run()
-      p.check()
-      mmuMs.set(name, timer.ms)
-      p.vm.destroy()
     }
   }
 }
@@ -130,7 +102,6 @@ const rows = bench.tasks.map((t) => {
     faults: o.faults,
     'wall ms': ms.toFixed(1),
     'faults/s (VM)': Math.round(o.faults / (ms / 1000)).toLocaleString('en-US'),
-    'faults/s (MMU)': Math.round(o.faults / (mmuMs.get(t.name)! / 1000)).toLocaleString('en-US'),
     'sim µs': (o.simNs / 1000).toFixed(0),
     'sim ns/fault': (o.simNs / o.faults).toFixed(0),
     'mmu_lock wait µs': (o.lockWaitNs / 1000).toFixed(0),

@@ -33,7 +33,7 @@ function makeVm(vcpus: number): Vm {
   return vm
 }
 
-const bench = new Bench({ iterations, warmupIterations: 1, time: 0, warmupTime: 0 })
+const bench = new Bench({ iterations, warmupIterations: 3, time: 0, warmupTime: 0 })
 const samples = new Map<number, Sample[]>()
 for (const vcpus of [1, 2, 4, 8]) {
   let vm: Vm | null = null
