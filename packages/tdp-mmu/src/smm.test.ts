@@ -8,7 +8,7 @@
  * 1 MiB of SMRAM of its own at gpa 0 plus an alias of RAM above 1 MiB (same host memory).
  */
 import { describe, expect, it } from 'vitest'
-import { KVM_MEM_LOG_DIRTY_PAGES, Vm } from '@mmusim/kvm'
+import { KVM_MEM_LOG_DIRTY_PAGES, type Memslot, Vm } from '@mmusim/kvm'
 import { getTdpMmu, ROLE_SMM, tdpStrategy, tdpVcpuState } from './index.ts'
 import { ageNow, scanLeaves } from './testing/aging.spec.ts'
 import { FETCH, pageBatch, rawGuest, READ, WRITE } from './testing/raw-guest.ts'
@@ -158,17 +158,24 @@ describe('SMM: walkers across address spaces (seed 002)', () => {
   })
 })
 
+/**
+ * A VM whose vCPU wrote gfns 0-1 and P2M..P2M+1 outside SMM, then wrote gfns 0-1 (SMRAM) and read
+ * P2M..P2M+1 (RAM, aliased) in SMM: both roots map 4 pages. Returns the VM and its two memslots.
+ */
+function smmVmWithBothRoots(): { vm: Vm; ram: Memslot; smram: Memslot } {
+  const vm = smmVm()
+  access(vm, 0, 2, WRITE)
+  access(vm, P2M, 2, WRITE)
+  vm.setVcpuSmm(0, true)
+  access(vm, 0, 2, WRITE)
+  access(vm, P2M, 2, READ)
+  vm.setVcpuSmm(0, false)
+  return { vm, ram: vm.memslots.idToMemslot(0, 0)!, smram: vm.memslots.idToMemslot(1, 0)! }
+}
+
 describe('SMM: MMU notifiers reach each address space through its own memslots', () => {
   it('unmap of SMRAM zaps only the SMM root; unmap of aliased RAM zaps both', () => {
-    const vm = smmVm()
-    access(vm, 0, 2, WRITE)
-    access(vm, P2M, 2, WRITE)
-    vm.setVcpuSmm(0, true)
-    access(vm, 0, 2, WRITE)
-    access(vm, P2M, 2, READ)
-    vm.setVcpuSmm(0, false)
-    const ram = vm.memslots.idToMemslot(0, 0)!
-    const smram = vm.memslots.idToMemslot(1, 0)!
+    const { vm, ram, smram } = smmVmWithBothRoots()
     vm.hostOpYielding('munmap-smram-page', vm.sched.now, (h) => h.munmapOp(smram.userspaceAddr, 4096))
     vm.run()
     // as1 gfn 0 is gone; as0 gfn 0 (same gfn, other memslot) is untouched.
@@ -183,15 +190,7 @@ describe('SMM: MMU notifiers reach each address space through its own memslots',
   })
 
   it('aging of SMRAM ages only the SMM root; aging aliased RAM ages both', () => {
-    const vm = smmVm()
-    access(vm, 0, 2, WRITE)
-    access(vm, P2M, 2, WRITE)
-    vm.setVcpuSmm(0, true)
-    access(vm, 0, 2, WRITE)
-    access(vm, P2M, 2, READ)
-    vm.setVcpuSmm(0, false)
-    const ram = vm.memslots.idToMemslot(0, 0)!
-    const smram = vm.memslots.idToMemslot(1, 0)!
+    const { vm, ram, smram } = smmVmWithBothRoots()
     expect([scanLeaves(vm, 0, 0, 1024).young, scanLeaves(vm, 1, 0, 1024).young]).toEqual([4, 4])
     expect(ageNow(vm, 'clear_young', smram.userspaceAddr, 2 * 4096)).toBe(true)
     expect([scanLeaves(vm, 0, 0, 1024).young, scanLeaves(vm, 1, 0, 1024).young]).toEqual([4, 2])
