@@ -24,7 +24,6 @@ import {
   type PhysMem,
 } from '@mmusim/x86-hw'
 import {
-  cost,
   type GuestMemory,
   gfnToHvaMemslot,
   gfnToIndex,
@@ -1838,13 +1837,17 @@ export class ShadowMmu implements MmuInstance {
     this.shadowFaultAdjustAccess(v)
     const lock = this.vm.mmuLock
     const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
-    if (acquireNs >= 0) yield acquireNs
-    else yield* lock.writeLock()
+    if (acquireNs < 0) yield* lock.writeLock()
     try {
+      // Checked once the lock is taken (held for write: no other thread can change what they read).
       const r1 = this.shadowFaultLocked(v)
-      if (r1 !== SPF_GO) return r1
-      // The fault's software work, done holding mmu_lock for write: it serializes vCPUs.
-      yield this.costs.mmuFaultWork
+      if (r1 !== SPF_GO) {
+        if (acquireNs >= 0) yield acquireNs
+        return r1
+      }
+      // The acquisition (fast path) and the fault's software work, done holding mmu_lock for write
+      // (it serializes vCPUs): one yield, as this thread changes nothing visible between them.
+      yield (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
       let r = this.fetchStart(v)
       while (r === FETCH_SYNC) {
         // Sync before link: the guest may use a just-made-present gPTE without flushing.
@@ -2118,8 +2121,30 @@ export class ShadowMmu implements MmuInstance {
 
   /** direct_page_fault(): TDP (legacy, under the write lock) and non-paging guests under shadow paging. */
   private *directPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
+    // As shadowPageFault: a small generator over plain steps, state in v.pf.
+    const r0 = this.directFaultBegin(v, f)
+    if (r0 !== SPF_GO) return r0
+    yield this.costs.gup
+    const lock = this.vm.mmuLock
+    const acquireNs = lock.writeLockFast()
+    if (acquireNs < 0) yield* lock.writeLock()
+    try {
+      const r1 = this.shadowFaultLocked(v)
+      if (r1 !== SPF_GO) {
+        if (acquireNs >= 0) yield acquireNs
+        return r1
+      }
+      // The acquisition and the fault's software work, holding mmu_lock for write (it serializes vCPUs).
+      yield (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
+      return this.directMap(v)
+    } finally {
+      lock.writeUnlock()
+    }
+  }
+
+  /** direct_page_fault() up to GUP: page tracking, fast_page_fault(), seq snapshot, faultin. SPF_GO or RET_PF_*. */
+  private directFaultBegin(v: VcpuMmu, f: PageFault): RetPf | typeof SPF_GO {
     const vcpu = v.vcpu
-    const vm = this.vm
     const ec = f.errorCode
     const write = (ec & PFERR_W) !== 0
     const gpa = f.addr
@@ -2134,36 +2159,41 @@ export class ShadowMmu implements MmuInstance {
       const r = this.fastPageFault(v, gpa, ec)
       if (r !== 0) return r
     }
-    const mmuSeq = vm.notifierState.seq
+    const p = v.pf
+    p.addr = gpa
+    p.gfn = gfn
+    p.write = write
+    p.mmuSeq = this.vm.notifierState.seq
     const out = this.pfnOut
-    const slot = this.faultinPfn(vcpu, gfn, write, out)
+    p.slot = this.faultinPfn(vcpu, gfn, write, out)
     // kvm_handle_error_pfn(): a write to a read-only memslot is emulated (an MMIO exit; here open bus).
     if (out.roFault) return RET_PF_EMULATE
-    const pfn = out.pfn
-    const hostWritable = out.hostWritable
-    const hva = out.hva
-    yield cost(this.costs.gup)
-    yield* vm.mmuLock.writeLock()
-    try {
-      if (this.isPageFaultStale(v, mmuSeq, gfn, slot)) return RET_PF_RETRY
-      if (this.makeMmuPagesAvailable() < 0) throw new KvmError('ENOMEM', 'shadow-mmu: no shadow pages left (every page is a root)')
-      // The fault's software work, done holding mmu_lock for write: it serializes vCPUs.
-      yield cost(this.costs.mmuFaultWork)
-      // direct_map()
-      const maxLevel = this.config.tdp ? 3 : 2
-      const goal = this.hugepageAdjust(slot, gfn, maxLevel, hva)
-      const root = this.spOfHpa(v.root.hpa)
-      this.directDescend(v, root, spteIndex(gpa, root.level), gpa, gfn, root.level, goal, ACC_ALL, false)
-      const sp = this.descSp
-      const idx = this.descIdx
-      const pages = kvmPagesPerHpage(goal)
-      if (slot === null) vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
-      const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, gfn - (gfn % pages), pfn - (pfn % pages), { write, prefetch: false, hostWritable })
-      if (ret !== RET_PF_SPURIOUS && this.config.prefetch && goal === 1 && vm.notifierState.inProgress === 0) this.directPtePrefetch(v, sp, idx)
-      return ret
-    } finally {
-      vm.mmuLock.writeUnlock()
-    }
+    p.pfn = out.pfn
+    p.hostWritable = out.hostWritable
+    p.hva = out.hva
+    return SPF_GO
+  }
+
+  /** direct_map(): descend (linking direct pages), install the leaf, prefetch. */
+  private directMap(v: VcpuMmu): RetPf {
+    const p = v.pf
+    const slot = p.slot
+    const gfn = p.gfn
+    const maxLevel = this.config.tdp ? 3 : 2
+    const goal = this.hugepageAdjust(slot, gfn, maxLevel, p.hva)
+    const root = this.spOfHpa(v.root.hpa)
+    this.directDescend(v, root, spteIndex(p.addr, root.level), p.addr, gfn, root.level, goal, ACC_ALL, false)
+    const sp = this.descSp
+    const idx = this.descIdx
+    const pages = kvmPagesPerHpage(goal)
+    if (slot === null) v.vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
+    const sf = p.setSpte
+    sf.write = p.write
+    sf.prefetch = false
+    sf.hostWritable = p.hostWritable
+    const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, gfn - (gfn % pages), p.pfn - (p.pfn % pages), sf)
+    if (ret !== RET_PF_SPURIOUS && this.config.prefetch && goal === 1 && this.vm.notifierState.inProgress === 0) this.directPtePrefetch(v, sp, idx)
+    return ret
   }
 
   /**

@@ -1185,10 +1185,14 @@ export class TdpMmu {
     yield this.gupNs
     const acquireNs = this.pfLock(st.fault)
     if (acquireNs === PF_LOCK_RETRY) return RET_PF_RETRY
-    if (acquireNs >= 0) yield acquireNs
-    else yield* this.vm.mmuLock.readLock()
-    // The fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap it.
-    yield this.mmuFaultWorkNs
+    // Then the fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap
+    // it. One yield for both when the lock was free: this thread changes nothing between them
+    // (the lock is held throughout), so no other thread could observe a difference.
+    if (acquireNs >= 0) yield acquireNs + this.mmuFaultWorkNs
+    else {
+      yield* this.vm.mmuLock.readLock()
+      yield this.mmuFaultWorkNs
+    }
     const f = st.fault
     const iter = st.iter
     for (let a = this.pfMapBegin(vcpu, st); a !== MAP_DONE; ) {
