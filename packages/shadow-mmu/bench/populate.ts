@@ -9,6 +9,7 @@
  * - `guest-OS memstress 4 MiB/vCPU` and `fork storm`: the guest OS demand-pages (zeroes each new
  *   page, writes its PTEs, breaks CoW), so much of the run is guest work, not MMU work.
  */
+import './debug-off.ts'
 import { Bench } from 'tinybench'
 import { type Cpu, forkStorm, GuestOs, memstress, type Routine } from '@mmusim/guest'
 import { type MmuStrategy, Vm } from '@mmusim/kvm'

@@ -7,6 +7,7 @@
  *
  *   pnpm --filter @mmusim/tdp-mmu bench            (MMUSIM_BENCH_ITERATIONS=3 by default)
  */
+import './debug-off.ts'
 import { Bench } from 'tinybench'
 import { Vm } from '@mmusim/kvm'
 import { tdpStrategy } from '../src/index.ts'
