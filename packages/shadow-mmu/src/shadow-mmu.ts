@@ -167,7 +167,7 @@ export class VcpuMmu {
    */
   lastRetryEip = 0
   lastRetryAddr = 0
-  /** FNAME(page_fault)'s state that lives across its yields (see ShadowMmu.shadowPageFault). */
+  /** The fault's state that lives across its yields (see ShadowMmu.pageFault). */
   readonly pf = new ShadowFault()
 
   constructor(vcpu: KvmVcpu, unbackedTables: 'open-bus' | 'kvm' = 'open-bus') {
@@ -208,7 +208,7 @@ export class ShadowFault {
   readonly setSpte: SetSpteFault = { write: false, prefetch: false, hostWritable: true }
 }
 
-/** shadowPageFault's steps: go on (besides RET_PF_*). */
+/** pageFault's steps: go on (besides RET_PF_*). */
 const SPF_GO = -100
 /** FNAME(fetch) stopped before linking a child with unsync children: sync it first. */
 const FETCH_SYNC = -101
@@ -1664,34 +1664,70 @@ export class ShadowMmu implements MmuInstance {
    * whose error code is PFERR_NESTED_GUEST_PAGE.
    */
   *pageFault(vcpu: KvmVcpu, fault: PageFault): KernelOp<RetPf> {
+    // One generator for the whole fault (kvm_mmu_page_fault → FNAME(page_fault) / direct_page_fault):
+    // it only yields, the steps are plain methods over v.pf, so a fault allocates one small frame.
     const v = this.vmmu(vcpu)
-    let r: RetPf
-    if (v.root.hpa === INVALID_PAGE) r = RET_PF_RETRY
-    else {
-      r = RET_PF_INVALID
-      if ((fault.errorCode & PFERR_RSVD) !== 0 || (this.config.tdp && fault.exitReason === EXIT_EPT_MISCONFIG)) r = this.handleMmioPageFault(v, fault.addr)
-      if (r === RET_PF_INVALID) {
-        // A scheduler call rather than yield*: the fault's yields then resume it, not this frame too.
-        r = (yield this.vm.sched.call(v.direct ? this.directPageFault(v, fault) : this.shadowPageFault(v, fault))) as RetPf
-        if (r === RET_PF_WRITE_PROTECTED) {
-          this.counters.writeProtectedFaults++
-          r = yield* this.kvmMmuWriteProtectFault(v, fault)
-        } else if (r === RET_PF_EMULATE && this.config.writeProtectedFault === 'emulate' && v.direct && isWriteToGuestPageTable(fault.errorCode)) {
-          // ≤6.11: "a RO violation while translating the guest page" — unprotect, resume the guest,
-          // whether or not anything was unprotected.
-          yield* this.vm.mmuLock.writeLock()
-          try {
-            this.kvmMmuUnprotectPage(vcpu.asId, Math.floor(fault.addr / 4096))
-          } finally {
-            this.vm.mmuLock.writeUnlock()
+    let r: RetPf | typeof SPF_GO | typeof FETCH_SYNC = this.pageFaultBegin(v, fault)
+    if (r === SPF_GO) {
+      // hva_to_pfn(): GUP may sleep, so invalidations can run between the seq snapshot and mmu_lock.
+      yield this.costs.gup
+      if (!v.direct) this.shadowFaultAdjustAccess(v)
+      const lock = this.vm.mmuLock
+      const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
+      if (acquireNs < 0) yield* lock.writeLock()
+      try {
+        // Checked once the lock is taken (held for write: no other thread can change what they read).
+        r = this.shadowFaultLocked(v)
+        if (r !== SPF_GO) {
+          if (acquireNs >= 0) yield acquireNs
+        } else {
+          // The acquisition (fast path) and the fault's software work, done holding mmu_lock for
+          // write (it serializes vCPUs): one yield, as this thread changes nothing visible between.
+          yield (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
+          if (v.direct) r = this.directMap(v)
+          else {
+            r = this.fetchStart(v)
+            while (r === FETCH_SYNC) {
+              // Sync before link: the guest may use a just-made-present gPTE without flushing.
+              if ((yield* this.mmuSyncChildren(v, v.pf.child!, false)) !== 0) r = RET_PF_RETRY
+              else r = this.fetchResume(v)
+            }
           }
-          this.counters.unprotectRetries++
-          r = RET_PF_RETRY
         }
+      } finally {
+        lock.writeUnlock()
       }
+    }
+    if (r === RET_PF_WRITE_PROTECTED) {
+      this.counters.writeProtectedFaults++
+      r = yield* this.kvmMmuWriteProtectFault(v, fault)
+    } else if (r === RET_PF_EMULATE && this.config.writeProtectedFault === 'emulate' && v.direct && isWriteToGuestPageTable(fault.errorCode)) {
+      // ≤6.11: "a RO violation while translating the guest page" — unprotect, resume the guest,
+      // whether or not anything was unprotected.
+      yield* this.vm.mmuLock.writeLock()
+      try {
+        this.kvmMmuUnprotectPage(vcpu.asId, Math.floor(fault.addr / 4096))
+      } finally {
+        this.vm.mmuLock.writeUnlock()
+      }
+      this.counters.unprotectRetries++
+      r = RET_PF_RETRY
     }
     this.check()
     return r
+  }
+
+  /**
+   * kvm_mmu_page_fault() up to GUP: no root → retry; an MMIO fault (handle_mmio_page_fault); then
+   * FNAME(page_fault)'s or direct_page_fault()'s part before GUP. SPF_GO or a RET_PF_*.
+   */
+  private pageFaultBegin(v: VcpuMmu, fault: PageFault): RetPf | typeof SPF_GO {
+    if (v.root.hpa === INVALID_PAGE) return RET_PF_RETRY
+    if ((fault.errorCode & PFERR_RSVD) !== 0 || (this.config.tdp && fault.exitReason === EXIT_EPT_MISCONFIG)) {
+      const r = this.handleMmioPageFault(v, fault.addr)
+      if (r !== RET_PF_INVALID) return r
+    }
+    return v.direct ? this.directFaultBegin(v, fault) : this.shadowFaultBegin(v, fault)
   }
 
   /**
@@ -1826,39 +1862,6 @@ export class ShadowMmu implements MmuInstance {
   }
 
   private readonly pfnOut = { pfn: 0, hostWritable: true, hva: 0, roFault: false }
-
-  /** FNAME(page_fault)(): the shadow-paging fault. */
-  private *shadowPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
-    // The generator only yields; the work is in plain methods over v.pf, so its frame (copied on
-    // every suspend and resume) stays small and nothing is allocated per step.
-    const r0 = this.shadowFaultBegin(v, f)
-    if (r0 !== SPF_GO) return r0
-    yield this.costs.gup
-    this.shadowFaultAdjustAccess(v)
-    const lock = this.vm.mmuLock
-    const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
-    if (acquireNs < 0) yield* lock.writeLock()
-    try {
-      // Checked once the lock is taken (held for write: no other thread can change what they read).
-      const r1 = this.shadowFaultLocked(v)
-      if (r1 !== SPF_GO) {
-        if (acquireNs >= 0) yield acquireNs
-        return r1
-      }
-      // The acquisition (fast path) and the fault's software work, done holding mmu_lock for write
-      // (it serializes vCPUs): one yield, as this thread changes nothing visible between them.
-      yield (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
-      let r = this.fetchStart(v)
-      while (r === FETCH_SYNC) {
-        // Sync before link: the guest may use a just-made-present gPTE without flushing.
-        if ((yield* this.mmuSyncChildren(v, v.pf.child!, false)) !== 0) return RET_PF_RETRY
-        r = this.fetchResume(v)
-      }
-      return r
-    } finally {
-      lock.writeUnlock()
-    }
-  }
 
   /**
    * FNAME(page_fault)() up to GUP: walk the guest tables (FNAME(walk_addr), injecting a #PF),
@@ -2117,29 +2120,6 @@ export class ShadowMmu implements MmuInstance {
       n++
     }
     return n > 0
-  }
-
-  /** direct_page_fault(): TDP (legacy, under the write lock) and non-paging guests under shadow paging. */
-  private *directPageFault(v: VcpuMmu, f: PageFault): KernelOp<RetPf> {
-    // As shadowPageFault: a small generator over plain steps, state in v.pf.
-    const r0 = this.directFaultBegin(v, f)
-    if (r0 !== SPF_GO) return r0
-    yield this.costs.gup
-    const lock = this.vm.mmuLock
-    const acquireNs = lock.writeLockFast()
-    if (acquireNs < 0) yield* lock.writeLock()
-    try {
-      const r1 = this.shadowFaultLocked(v)
-      if (r1 !== SPF_GO) {
-        if (acquireNs >= 0) yield acquireNs
-        return r1
-      }
-      // The acquisition and the fault's software work, holding mmu_lock for write (it serializes vCPUs).
-      yield (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
-      return this.directMap(v)
-    } finally {
-      lock.writeUnlock()
-    }
   }
 
   /** direct_page_fault() up to GUP: page tracking, fast_page_fault(), seq snapshot, faultin. SPF_GO or RET_PF_*. */
