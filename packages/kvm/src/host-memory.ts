@@ -404,6 +404,8 @@ export class HostMemory {
     notifierInvalidations: 0,
   }
   private readonly vmas: Vma[] = []
+  /** {@link findVma}'s cache. */
+  private lastVma: Vma | null = null
   /** hva / 4K → pfn. */
   private readonly pt4k = new Pte4kTables()
   /** hva / 2M → first pfn of a 2M run. */
@@ -440,9 +442,16 @@ export class HostMemory {
 
   /** `find_vma`-like: the VMA containing hva, or undefined. */
   findVma(hva: number): Vma | undefined {
+    // The last VMA found (hva_to_pfn hits the same one fault after fault); dropped whenever the
+    // VMA list changes shape.
+    const last = this.lastVma
+    if (last !== null && hva >= last.start && hva < last.end) return last
     for (const v of this.vmas) {
       if (hva < v.start) return undefined
-      if (hva < v.end) return v
+      if (hva < v.end) {
+        this.lastVma = v
+        return v
+      }
     }
     return undefined
   }
@@ -476,6 +485,7 @@ export class HostMemory {
     }
     this.vmas.push({ start: hva, end: hva + size, thp, hugetlb1G, readonly: options.readonly ?? false })
     this.vmas.sort((a, b) => a.start - b.start)
+    this.lastVma = null
   }
 
   /** The pfn mapped at hva and its level, without faulting anything in; null if unmapped. */
@@ -692,6 +702,7 @@ export class HostMemory {
     if (i < 0) return
     const v = this.vmas[i]!
     this.vmas.splice(i, 1, { ...v, end: addr }, { ...v, start: addr })
+    this.lastVma = null
   }
 
   private overlapsAnyVma(start: number, end: number): boolean {
@@ -754,7 +765,10 @@ export class HostMemory {
     this.splitVmasAt(end)
     for (let i = this.vmas.length - 1; i >= 0; i--) {
       const v = this.vmas[i]!
-      if (v.start >= start && v.end <= end) this.vmas.splice(i, 1)
+      if (v.start >= start && v.end <= end) {
+        this.vmas.splice(i, 1)
+        this.lastVma = null
+      }
     }
     yield { phase: 'end', start, end }
   }

@@ -66,6 +66,15 @@ export class GuestWalker {
   readonly tableGfn = new Float64Array(6)
   /** GPA of the gPTE of level L (`pte_gpa[L-1]`). */
   readonly pteGpa = new Float64Array(6)
+  /**
+   * Where each gPTE was read in host memory, and the host-mapping epoch it was read in:
+   * mmu_invalidate_seq (-1 if an invalidation was in progress) and the memslot generation. While
+   * both are unchanged, a re-read of the gPTE (gpte_changed) may use this address instead of
+   * translating its GPA again: the host mapping and the memslots are as they were.
+   */
+  readonly pteHpa = new Float64Array(6)
+  walkSeq = -1
+  walkGen = -1
   /** gPTE of level L after the A/D update (`ptes[L-1]`). */
   readonly ptesLo = new Uint32Array(6)
   readonly ptesHi = new Uint32Array(6)
@@ -111,6 +120,9 @@ export class GuestWalker {
     // access at CPL 3 has it clear.
     const implicit = state.cpl === 3 && (errorCode & 4) === 0
     this.translator.gm = vcpu.guestMem
+    const ns = vcpu.vm.notifierState
+    this.walkSeq = ns.inProgress === 0 ? ns.seq : -1
+    this.walkGen = vcpu.vm.memslots.space(vcpu.asId).generation
     const res = this.res
     const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res)
     if (st !== WALK_OK) {
@@ -134,6 +146,7 @@ export class GuestWalker {
       const hi = res.pathHi[l]!
       this.ptAccess[l] = acc
       this.pteGpa[l] = res.pathGpa[l]!
+      this.pteHpa[l] = res.pathPa[l]!
       this.tableGfn[l] = Math.floor(res.pathGpa[l]! / 4096)
       this.ptesLo[l] = lo
       this.ptesHi[l] = hi

@@ -1942,7 +1942,8 @@ export class ShadowMmu implements MmuInstance {
       const base = gpa - (gpa % (PTE_PREFETCH_NUM * 8))
       const index = (gpa - base) / 8
       // The 8 gPTEs share one guest page: translate it once, then 8 reads.
-      const hpa = this.gpteHpa(gm, base)
+      const cached = this.walkedGpteHpa(v, level)
+      const hpa = cached >= 0 ? cached - (gpa - base) : this.gpteHpa(gm, base)
       if (hpa < 0) {
         w.prefetchLo.fill(0)
         w.prefetchHi.fill(0)
@@ -1956,8 +1957,27 @@ export class ShadowMmu implements MmuInstance {
       this.vm.sched.charge(this.costs.memoryRef * PTE_PREFETCH_NUM)
       return w.prefetchLo[index] !== w.ptesLo[level] || w.prefetchHi[index] !== w.ptesHi[level]
     }
-    if (!this.readGpteAtomic(gm, gpa)) return true
+    const cached = this.walkedGpteHpa(v, level)
+    if (cached >= 0) {
+      this.gLo = this.mem.read64(cached)
+      this.gHi = this.mem.hi64
+      this.vm.sched.charge(this.costs.memoryRef)
+    } else if (!this.readGpteAtomic(gm, gpa)) return true
     return this.gLo !== w.ptesLo[level] || this.gHi !== w.ptesHi[level]
+  }
+
+  /**
+   * The host address the walk read the gPTE of `level` at, if the host mapping and the memslots
+   * are unchanged since (no invalidation then or since, same memslot generation); else -1 and
+   * the caller translates the GPA again, as kvm_vcpu_read_guest_atomic() always does.
+   */
+  private walkedGpteHpa(v: VcpuMmu, level: number): number {
+    const w = v.walker
+    const ns = this.vm.notifierState
+    if (w.walkSeq < 0 || ns.inProgress !== 0 || ns.seq !== w.walkSeq) return -1
+    if (this.vm.memslots.space(v.vcpu.asId).generation !== w.walkGen) return -1
+    const hpa = w.pteHpa[level]!
+    return hpa < this.mem.sizeBytes ? hpa : -1
   }
 
   /**
