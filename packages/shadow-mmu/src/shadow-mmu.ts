@@ -914,8 +914,12 @@ export class ShadowMmu implements MmuInstance {
       sp.shadowedAccess![idx] = access
     }
     this.updatePageStats(sp.level, 1)
-    const head = this.rmapHead(slot, sp.level, gfn, true)!
-    head.push(sp.hpa + idx * 8)
+    const sptep = sp.hpa + idx * 8
+    let head = this.rmapHead(slot, sp.level, gfn, false)
+    // A new head as a one-element literal: most gfns have one mapping, and `[]` + push would
+    // allocate room for 17.
+    if (head === undefined) this.slotMmu(slot).rmap[sp.level - 1]![gfnToIndex(gfn, slot.baseGfn, sp.level)] = head = [sptep]
+    else head.push(sptep)
     const n = head.length
     if (n > this.vm.stats.max_mmu_rmap_size) this.vm.stats.max_mmu_rmap_size = n
     if (n > RMAP_RECYCLE_THRESHOLD) {
