@@ -136,7 +136,8 @@ export function walk(
         hea = nested.translate(ea, ptKind, false, res)
         if (hea < 0) return WALK_EXIT
       }
-      eLo = mem.read64(hea)
+      // Hint per level (1..5): a walk's upper tables are usually the last walk's (PhysMem.read64Hinted).
+      eLo = mem.read64Hinted(hea, level)
       eHi = mem.hi64
       res.memRefs++
       if ((eLo & 1) === 0) return pageFault(ctx, res, la, kind, user, 0) // PTE_P
