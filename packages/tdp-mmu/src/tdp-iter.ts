@@ -12,16 +12,19 @@ import { type KvmMmuPage, PAGES_PER_LEVEL } from './mmu-page.ts'
 // C call (fmod). For gfn ≥ 0 the divisions by powers of two below are exact and give the same
 // results as the remainders; the `%` forms remain for any other input.
 
+/** 1 / PAGES_PER_LEVEL[level]: exact powers of two, so a multiply replaces a division. */
+const INV_PAGES_PER_LEVEL: readonly number[] = [Infinity, 1, 2 ** -9, 2 ** -18, 2 ** -27, 2 ** -36, 2 ** -45]
+
 /** `round_gfn_for_level(gfn, level)`. */
 export function roundGfnForLevel(gfn: number, level: number): number {
   const n = PAGES_PER_LEVEL[level]!
-  return gfn >= 0 ? Math.floor(gfn / n) * n : gfn - (gfn % n)
+  return gfn >= 0 ? Math.floor(gfn * INV_PAGES_PER_LEVEL[level]!) * n : gfn - (gfn % n)
 }
 
 /** `SPTE_INDEX(gfn << PAGE_SHIFT, level)`. */
 export function spteIndex(gfn: number, level: number): number {
-  const q = Math.floor(gfn / PAGES_PER_LEVEL[level]!)
-  return q >= 0 ? q - Math.floor(q / 512) * 512 : q % 512
+  const q = Math.floor(gfn * INV_PAGES_PER_LEVEL[level]!)
+  return q >= 0 ? q - Math.floor(q * (1 / 512)) * 512 : q % 512
 }
 
 /** `struct tdp_iter`. */
