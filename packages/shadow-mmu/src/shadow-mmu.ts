@@ -2481,10 +2481,13 @@ export class ShadowMmu implements MmuInstance {
   ageGfnRange(_asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean {
     let young = false
     const fmt = this.fmt
+    let reads = 0
+    let updates = 0
     this.forEachRmapInRange(slot, startGfn, endGfn, (head) => {
       for (const sptep of head) {
         const lo = this.readSpte(sptep)
         const hi = this.mem.hi64
+        reads++
         if (spteAdEnabled(hi)) {
           if ((lo & fmt.accessedLo) === 0) continue
           young = true
@@ -2495,22 +2498,33 @@ export class ShadowMmu implements MmuInstance {
           const s = markSpteForAccessTrack(this.spte, fmt, lo, hi)
           this.writeSpte(sptep, s.lo, s.hi)
         }
+        updates++
       }
     })
+    // The walk's cost, as the TDP MMU's aging charges it: a read per SPTE, an atomic per update.
+    this.chargeIfRunning(reads * this.costs.memoryRef + updates * this.costs.spteCmpxchg)
     return young
+  }
+
+  /** Charge simulated time to the running thread, if the caller runs on one (host-side calls may not). */
+  private chargeIfRunning(ns: number): void {
+    if (ns > 0 && this.vm.sched.current !== null) this.vm.sched.charge(ns)
   }
 
   /** kvm_test_age_gfn(). */
   testAgeGfn(_asId: number, slot: Memslot, startGfn: number, endGfn: number): boolean {
     let young = false
     const fmt = this.fmt
+    let reads = 0
     this.forEachRmapInRange(slot, startGfn, endGfn, (head) => {
       for (const sptep of head) {
         const lo = this.readSpte(sptep)
         const hi = this.mem.hi64
+        reads++
         if (spteAdEnabled(hi) ? (lo & fmt.accessedLo) !== 0 : (lo & fmt.accTrackLo) !== 0) young = true
       }
     })
+    this.chargeIfRunning(reads * this.costs.memoryRef)
     return young
   }
 

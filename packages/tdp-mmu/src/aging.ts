@@ -93,7 +93,10 @@ export class TdpMmuAging {
       // tdp_root_for_each_leaf_pte()
       for (iter.start(root, 1, start); iter.valid && iter.gfn < end; iter.next()) {
         const lo = iter.oldLo
-        if (!isShadowPresentPte(lo) || !isLastSpte(lo, iter.level) || !this.isAccessedSpte(lo, iter.oldHi)) continue
+        if (!isShadowPresentPte(lo) || !isLastSpte(lo, iter.level)) continue
+        // Reading the leaf costs a memory reference (no preemption point: nothing is written).
+        this.chargeLeafRead()
+        if (!this.isAccessedSpte(lo, iter.oldHi)) continue
         young = true
         if (testOnly) break roots
         yield* this.kvmTdpMmuAgeSpte(iter)
@@ -140,6 +143,15 @@ export class TdpMmuAging {
   }
 
   /**
+   * The aging walk's read of a present leaf: one memory reference of simulated time (the shadow
+   * MMU's rmap walk charges the same per SPTE, so their aging costs compare).
+   */
+  private chargeLeafRead(): void {
+    const sched = this.mmu.vm.sched
+    if (sched.current !== null) sched.charge(sched.costs.memoryRef)
+  }
+
+  /**
    * 6.13–6.14 `__kvm_tdp_mmu_age_gfn_range()`: mmu_lock held for write (the notifier took it), the
    * non-yielding walk over valid roots of `asId` (`__for_each_tdp_mmu_root`), RCU per root.
    */
@@ -152,7 +164,9 @@ export class TdpMmuAging {
       rcu.readLock()
       for (iter.start(root, 1, start); iter.valid && iter.gfn < end; iter.next()) {
         const lo = iter.oldLo
-        if (!isShadowPresentPte(lo) || !isLastSpte(lo, iter.level) || !this.isAccessedSpte(lo, iter.oldHi)) continue
+        if (!isShadowPresentPte(lo) || !isLastSpte(lo, iter.level)) continue
+        this.chargeLeafRead()
+        if (!this.isAccessedSpte(lo, iter.oldHi)) continue
         young = true
         if (testOnly) break
         yield* this.ageSpteWriteLocked(iter)
