@@ -1842,30 +1842,31 @@ export class ShadowMmu implements MmuInstance {
   }
 
   /**
-   * kvm_mmu_faultin_pfn(): the memslot and host page of `gfn`. Returns the slot (null = no slot:
-   * MMIO) and writes pfn/hostWritable/hva into `out`; throws EFAULT when the host refuses.
-   * A write to a read-only memslot sets `out.roFault` (KVM_PFN_ERR_RO_FAULT: the caller emulates).
+   * kvm_mmu_faultin_pfn() for the fault in `p` (gfn and write set): snapshot mmu_invalidate_seq,
+   * then the memslot and the host pfn (slot null: no visible memslot, an MMIO SPTE). False: a
+   * write to a read-only memslot (kvm_handle_error_pfn: emulated, an MMIO exit; here open bus).
    */
-  private faultinPfn(vcpu: KvmVcpu, gfn: number, write: boolean, out: { pfn: number; hostWritable: boolean; hva: number; roFault: boolean }): Memslot | null {
-    out.roFault = false
+  private faultinPfn(vcpu: KvmVcpu, p: ShadowFault): boolean {
+    p.mmuSeq = this.vm.notifierState.seq
+    const gfn = p.gfn
     const slot = this.vm.memslots.gfnToMemslot(vcpu.asId, gfn, vcpu.memslotCache)
-    if (slot === null || !kvmIsVisibleMemslot(slot)) return null
+    if (slot === null || !kvmIsVisibleMemslot(slot)) {
+      p.slot = null
+      return true
+    }
+    p.slot = slot
     const hva = gfnToHvaMemslot(slot, gfn)
     const readonlySlot = (slot.flags & KVM_MEM_READONLY) !== 0
-    if (write && readonlySlot) {
-      out.roFault = true
-      return slot
-    }
+    if (p.write && readonlySlot) return false
     const host = this.vm.host
-    const pfn = host.resolvePfn(hva, write)
+    const pfn = host.resolvePfn(hva, p.write)
     if (pfn < 0) throw new KvmError('EFAULT', `vCPU ${vcpu.id}: the host refused gfn 0x${gfn.toString(16)} (hva 0x${hva.toString(16)}): ${host.outReason}`)
-    out.pfn = pfn
-    out.hostWritable = host.outWritable && !readonlySlot
-    out.hva = hva
-    return slot
+    p.pfn = pfn
+    p.hostWritable = host.outWritable && !readonlySlot
+    p.hva = hva
+    return true
   }
 
-  private readonly pfnOut = { pfn: 0, hostWritable: true, hva: 0, roFault: false }
 
   /**
    * FNAME(page_fault)() up to GUP: walk the guest tables (FNAME(walk_addr), injecting a #PF),
@@ -1892,14 +1893,7 @@ export class ShadowMmu implements MmuInstance {
     p.addr = f.addr
     p.gfn = gfn
     p.write = write
-    p.mmuSeq = vm.notifierState.seq
-    const out = this.pfnOut
-    p.slot = this.faultinPfn(vcpu, gfn, write, out)
-    // kvm_handle_error_pfn(): a write to a read-only memslot is emulated (an MMIO exit; here open bus).
-    if (out.roFault) return RET_PF_EMULATE
-    p.pfn = out.pfn
-    p.hostWritable = out.hostWritable
-    p.hva = out.hva
+    if (!this.faultinPfn(vcpu, p)) return RET_PF_EMULATE
     p.pteAccess = w.pteAccess
     p.user = (ec & PFERR_U) !== 0
     return SPF_GO
@@ -2167,15 +2161,7 @@ export class ShadowMmu implements MmuInstance {
     p.addr = gpa
     p.gfn = gfn
     p.write = write
-    p.mmuSeq = this.vm.notifierState.seq
-    const out = this.pfnOut
-    p.slot = this.faultinPfn(vcpu, gfn, write, out)
-    // kvm_handle_error_pfn(): a write to a read-only memslot is emulated (an MMIO exit; here open bus).
-    if (out.roFault) return RET_PF_EMULATE
-    p.pfn = out.pfn
-    p.hostWritable = out.hostWritable
-    p.hva = out.hva
-    return SPF_GO
+    return this.faultinPfn(vcpu, p) ? SPF_GO : RET_PF_EMULATE
   }
 
   /** direct_map(): descend (linking direct pages), install the leaf, prefetch. */

@@ -1,9 +1,15 @@
 import { contextSwitchRing, cr0WpToggle, forkStorm, gups, loadLackeyBatches, type LackeyBatch, mprotectStorm, traceReplay } from '@mmusim/guest'
 import { fileURLToPath } from 'node:url'
-import { defineWorkload, fmtTs, memFor, type Params } from '../workload.ts'
+import { defineWorkload, fmtTs, memFor, type Params, type WorkloadContext } from '../workload.ts'
 
 const M = 2 ** 20
 const num = (p: Params, k: string): number => p[k] as number
+
+/** Report a phase's simulated time `t` (ns) as metric `name` (seconds) and as a line `name: t` (+ `extra`). */
+function reportTime(ctx: WorkloadContext, name: string, t: number, extra = ''): void {
+  ctx.metric(name, t / 1e9)
+  ctx.line(`${name}: ${fmtTs(t)}${extra}`)
+}
 
 /** The lackey trace bundled with the harness (valgrind --tool=lackey --trace-mem=yes /bin/true). */
 export const DEFAULT_TRACE = fileURLToPath(new URL('./traces/lackey-true.txt', import.meta.url))
@@ -29,8 +35,7 @@ export const forkStormWorkload = defineWorkload({
     const t = ctx.guest('fork storm', (cpu) =>
       forkStorm(cpu, { pages: num(p, 'pages'), rounds: num(p, 'rounds'), children: num(p, 'children'), childWrites: num(p, 'childWrites'), parentWrites: num(p, 'parentWrites'), seed: ctx.seed }),
     ).simNs
-    ctx.metric('fork storm time', t / 1e9)
-    ctx.line(`fork storm time: ${fmtTs(t)}`)
+    reportTime(ctx, 'fork storm time', t)
   },
 })
 
@@ -50,8 +55,7 @@ export const contextSwitchWorkload = defineWorkload({
   run(ctx) {
     const p = ctx.params
     const t = ctx.guest('context switches', (cpu) => contextSwitchRing(cpu, { processes: num(p, 'processes'), laps: num(p, 'laps') })).simNs
-    ctx.metric('context switch time', t / 1e9)
-    ctx.line(`context switch time: ${fmtTs(t)}`)
+    reportTime(ctx, 'context switch time', t)
   },
 })
 
@@ -71,8 +75,7 @@ export const mprotectStormWorkload = defineWorkload({
   run(ctx) {
     const p = ctx.params
     const t = ctx.guest('mprotect storm', (cpu) => mprotectStorm(cpu, { pages: num(p, 'pages'), iterations: num(p, 'iterations') })).simNs
-    ctx.metric('mprotect storm time', t / 1e9)
-    ctx.line(`mprotect storm time: ${fmtTs(t)}`)
+    reportTime(ctx, 'mprotect storm time', t)
   },
 })
 
@@ -94,9 +97,9 @@ export const gupsWorkload = defineWorkload({
   run(ctx) {
     const p = ctx.params
     const t = ctx.guest('gups', (cpu) => gups(cpu, { bytesPerVcpu: num(p, 'bytesPerVcpu'), updates: num(p, 'updates'), thp: p.thp === true, seed: ctx.seed })).simNs
-    ctx.metric('gups time', t / 1e9)
-    ctx.metric('GUPS', t === 0 ? 0 : (num(p, 'updates') * ctx.vcpus) / t)
-    ctx.line(`gups time: ${fmtTs(t)} (${(t === 0 ? 0 : (num(p, 'updates') * ctx.vcpus) / t).toFixed(6)} GUPS)`)
+    const rate = t === 0 ? 0 : (num(p, 'updates') * ctx.vcpus) / t
+    reportTime(ctx, 'gups time', t, ` (${rate.toFixed(6)} GUPS)`)
+    ctx.metric('GUPS', rate)
   },
 })
 
@@ -116,8 +119,7 @@ export const cr0WpToggleWorkload = defineWorkload({
   run(ctx) {
     const p = ctx.params
     const t = ctx.guest('cr0.wp toggles', (cpu) => cr0WpToggle(cpu, { iterations: num(p, 'iterations'), pgeEvery: num(p, 'pgeEvery') })).simNs
-    ctx.metric('cr0.wp toggle time', t / 1e9)
-    ctx.line(`cr0.wp toggle time: ${fmtTs(t)}`)
+    reportTime(ctx, 'cr0.wp toggle time', t)
   },
 })
 
@@ -138,9 +140,8 @@ export const traceReplayWorkload = defineWorkload({
     const batches = ctx.prepared as LackeyBatch[]
     const t = ctx.guest('replay', (cpu) => traceReplay(cpu, { batches }), [0]).simNs
     const records = batches.reduce((n, b) => n + b.count, 0)
-    ctx.metric('trace replay time', t / 1e9)
+    reportTime(ctx, 'trace replay time', t, ` (${String(records)} records)`)
     ctx.metric('records', records)
-    ctx.line(`trace replay time: ${fmtTs(t)} (${String(records)} records)`)
   },
 })
 

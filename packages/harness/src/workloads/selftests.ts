@@ -344,6 +344,13 @@ const maxMemParams: ParamDef[] = [
   { name: 'hugepages', flag: 'H', type: 'bool', default: false, description: 'back guest memory with huge pages' },
 ]
 
+/** Guest memory, THP backing and memslots of the max-mem family (memslots of `slotSize` over `maxMem`). */
+const maxMemSizing = {
+  memBytes: (p: Params, v: number) => memFor(num(p, 'maxMem') / v, v, 4 * M * v),
+  thpBacking: (p: Params) => bool(p, 'hugepages'),
+  slots: (p: Params) => Math.max(1, Math.floor((num(p, 'maxMem') + 16 * M) / num(p, 'slotSize'))),
+}
+
 function maxMemRegion(ctx: WorkloadContext): MemstressRegion {
   const p = ctx.params
   return memstressRegion({ bytesPerVcpu: Math.floor(num(p, 'maxMem') / ctx.vcpus / PAGE_2M) * PAGE_2M || PAGE_2M, thp: bool(p, 'hugepages'), seed: ctx.seed, vcpus: ctx.vcpus })
@@ -367,9 +374,7 @@ export const maxGuestMemory = defineWorkload({
   metrics: ['run1', 'reset', 'run2'],
   raceFree: () => true,
   vcpusParam: 'vcpus',
-  memBytes: (p, v) => memFor(num(p, 'maxMem') / v, v, 4 * M * v),
-  thpBacking: (p) => bool(p, 'hugepages'),
-  slots: (p) => Math.max(1, Math.floor((num(p, 'maxMem') + 16 * M) / num(p, 'slotSize'))),
+  ...maxMemSizing,
   run(ctx) {
     const r = maxMemRegion(ctx)
     setupPhase(ctx, r)
@@ -388,9 +393,7 @@ export const mmuStress = defineWorkload({
   params: maxMemParams,
   metrics: ['run1', 'reset', 'run2', 'ro', 'rw', 'ro write faults'],
   raceFree: () => true,
-  memBytes: (p, v) => memFor(num(p, 'maxMem') / v, v, 4 * M * v),
-  thpBacking: (p) => bool(p, 'hugepages'),
-  slots: (p) => Math.max(1, Math.floor((num(p, 'maxMem') + 16 * M) / num(p, 'slotSize'))),
+  ...maxMemSizing,
   run(ctx) {
     const r = maxMemRegion(ctx)
     setupPhase(ctx, r)
