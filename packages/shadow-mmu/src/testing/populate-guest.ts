@@ -22,7 +22,7 @@ import {
   OP_MOV_CR4,
   OP_WRMSR_EFER,
 } from '@mmusim/x86-hw'
-import type { Vm } from '@mmusim/kvm'
+import { KvmError, type Vm } from '@mmusim/kvm'
 
 /** Where the populate workload lives. */
 export interface PopulateLayout {
@@ -45,7 +45,7 @@ const P_RW = 3
 function checkLayout(l: PopulateLayout): void {
   const pts = (l.vcpus * l.bytesPerVcpu) / 2 ** 21
   if (!Number.isInteger(l.vcpus) || l.vcpus < 1 || l.bytesPerVcpu <= 0 || l.bytesPerVcpu % 2 ** 21 !== 0 || PT0 + pts * 4096 > POPULATE_TABLES_BYTES || l.vcpus * l.bytesPerVcpu > 2 ** 38) {
-    throw new RangeError(`populate layout needs ≥ 1 vCPU and a positive multiple of 2 MiB per vCPU, at most ${String((POPULATE_TABLES_BYTES - PT0) / 4096)} PTs in all; got ${String(l.vcpus)} × ${String(l.bytesPerVcpu)} bytes`)
+    throw new KvmError('EINVAL', `populate layout needs ≥ 1 vCPU and a positive multiple of 2 MiB per vCPU, at most ${String((POPULATE_TABLES_BYTES - PT0) / 4096)} PTs in all; got ${String(l.vcpus)} × ${String(l.bytesPerVcpu)} bytes`)
   }
 }
 
