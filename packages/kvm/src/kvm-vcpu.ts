@@ -85,6 +85,7 @@ import { cost, type KernelOp, type Thread, WaitQueue } from './sched/index.ts'
 import { VcpuStats } from './stats.ts'
 import {
   type PageFault,
+  PF_PENDING,
   type RetPf,
   PFERR_GUEST_FINAL,
   PFERR_GUEST_PAGE,
@@ -135,6 +136,8 @@ export class KvmVcpu {
   private injectedAddr = 0
   private injectedCode = 0
   private readonly fault: PageFault = { addr: 0, errorCode: 0, kind: 0, gla: 0, exitReason: 0 }
+  /** Page faults go through the strategy's pageFaultInline (it has one, and the scheduler's fast path is on). */
+  private readonly inlineFaults: boolean
 
   constructor(vm: Vm, id: number, tlb: Partial<TlbConfig> | undefined) {
     this.vm = vm
@@ -146,6 +149,7 @@ export class KvmVcpu {
     const mode = vm.strategy.capabilities.hwMode
     // Shadow vCPUs walk host-format shadow tables; TDP vCPUs get their nested root at load time.
     if (mode === 'shadow') this.hw.setShadowMode(vm.host.mem, 1, 4)
+    this.inlineFaults = vm.mmu.pageFaultInline !== undefined && vm.sched.fastPathEnabled
   }
 
   /** kvm_make_request(). */
@@ -187,8 +191,11 @@ export class KvmVcpu {
     const hw = this.hw
     const g = this.guest
     const vm = this.vm
-    const costs = vm.sched.costs
+    const sched = vm.sched
+    const costs = sched.costs
     let op: GuestOp | null = null
+    // `if (!sched.tryAdvance(x)) yield x` is `yield cost(x)` without the suspension when nothing
+    // else could run in between (see Scheduler.tryAdvance).
     for (;;) {
       // vcpu_enter_guest(): requests, then kvm_mmu_reload().
       if (this.requests !== 0) yield* this.serviceRequests()
@@ -212,7 +219,8 @@ export class KvmVcpu {
       const st = hw.execute(op)
       const ns = costs.guestAccess * (hw.counters[C_ACCESSES]! - accesses0) + costs.memoryRef * (hw.counters[C_MEM_REFS]! - refs0)
       if (st === EXEC_MACHINE) {
-        yield cost(ns + this.machineOp(op))
+        const mns = ns + this.machineOp(op)
+        if (!sched.tryAdvance(mns)) yield cost(mns)
         op = null
         continue
       }
@@ -220,18 +228,25 @@ export class KvmVcpu {
         g.lastStatus = st === EXEC_OK ? RES_OK : st === EXEC_PF ? RES_PF : RES_GP
         if (st === EXEC_PF) this.stats.pf_guest++
         op = null
-        yield cost(ns)
+        if (!sched.tryAdvance(ns)) yield cost(ns)
         continue
       }
-      yield cost(ns + costs.vmExitRoundTrip)
+      const ens = ns + costs.vmExitRoundTrip
+      if (!sched.tryAdvance(ens)) yield cost(ens)
       this.stats.exits++
       // Page-fault exits are handled inline (handlePageFaultExit's body): the MMU's generator is
       // then the only one between this loop and the fault's yields, and none is created for the handler.
       const reason = hw.exit.reason
       let done: boolean
       if (reason === EXIT_EPT_VIOLATION || reason === EXIT_PF || reason === EXIT_NPF || reason === EXIT_EPT_MISCONFIG) {
-        // yield* through the scheduler's call protocol: the fault's yields resume it directly.
-        const r = (yield vm.sched.call(vm.mmu.pageFault(this, this.pageFaultFromExit()))) as RetPf
+        // A plain call when the strategy has one and nothing else runs meanwhile; otherwise the
+        // fault as a kernel op, through the scheduler's call protocol (its yields resume it directly).
+        const mmu = vm.mmu
+        let r: RetPf
+        if (this.inlineFaults) {
+          const x = mmu.pageFaultInline!(this, this.pageFaultFromExit())
+          r = x !== PF_PENDING ? (x as RetPf) : ((yield sched.call(mmu.pageFaultContinue!(this))) as RetPf)
+        } else r = (yield sched.call(mmu.pageFault(this, this.pageFaultFromExit()))) as RetPf
         done = this.pageFaultNeedsEmulation(r) ? yield* this.emulateAccess(op) : false
       } else {
         done = yield* this.handleExit(op)

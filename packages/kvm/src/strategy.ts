@@ -23,6 +23,8 @@ export const RET_PF_FIXED = 5
 /** The mapping was already correct (e.g. another vCPU fixed it). */
 export const RET_PF_SPURIOUS = 6
 export type RetPf = 0 | 1 | 2 | 3 | 4 | 5 | 6
+/** {@link MmuInstance.pageFaultInline}: the fault has to yield; finish it with pageFaultContinue. */
+export const PF_PENDING = -1
 
 /** KVM's extra page-fault error-code bits for TDP faults (PFERR_GUEST_FINAL_MASK / PFERR_GUEST_PAGE_MASK, bits 32/33 → numbers). */
 export const PFERR_GUEST_FINAL = 2 ** 32
@@ -76,6 +78,18 @@ export interface MmuInstance {
   unload(vcpu: KvmVcpu): KernelOp
   /** kvm_mmu_page_fault(): handle a #PF exit (shadow) or EPT violation/misconfig/NPF (TDP). Returns RET_PF_*. */
   pageFault(vcpu: KvmVcpu, fault: PageFault): KernelOp<RetPf>
+  /**
+   * Optional, with {@link pageFaultContinue}: {@link pageFault} as a plain call, for the vCPU's
+   * exit path. It does what pageFault does, charging each cost where pageFault would yield it
+   * with `sched.tryAdvance(ns)` (which succeeds only when no other thread could run in between,
+   * so results are identical), and returns RET_PF_* when the fault completed, or
+   * {@link PF_PENDING} when it reached a yield it could not take in place or an operation that
+   * blocks; the core then runs `pageFaultContinue(vcpu)` at once to finish the fault. A strategy
+   * that has both spares the simulator a generator and a suspension per fault.
+   */
+  pageFaultInline?(vcpu: KvmVcpu, fault: PageFault): number
+  /** Finish the fault {@link pageFaultInline} left pending on this vCPU: yield what it stopped at and go on. */
+  pageFaultContinue?(vcpu: KvmVcpu): KernelOp<RetPf>
   /** kvm_mmu_reset_context(): CR0/CR4/EFER bits that define the MMU role changed. */
   resetContext(vcpu: KvmVcpu): KernelOp
   /**
@@ -222,6 +236,26 @@ export function assertMmuStrategy(value: unknown, where = 'strategy'): asserts v
       'EINVAL',
       `${where} '${String(v.name)}' declares apiVersion ${String(v.apiVersion)}, but this @mmusim/kvm implements apiVersion ${String(MMU_API_VERSION)}. ` +
         (typeof v.apiVersion === 'number' && v.apiVersion > MMU_API_VERSION ? 'Upgrade @mmusim/kvm.' : 'Update the strategy to the current contract.'),
+    )
+  }
+}
+
+/**
+ * Validate the instance a strategy's `create()` returned, where one method needs another: a
+ * {@link MmuInstance.pageFaultInline} without {@link MmuInstance.pageFaultContinue} (or the
+ * reverse) could not finish a pending fault. Throws a {@link KvmError} EINVAL.
+ */
+export function assertMmuInstance(mmu: unknown, name: string): asserts mmu is MmuInstance {
+  if (typeof mmu !== 'object' || mmu === null || typeof (mmu as Record<string, unknown>).pageFault !== 'function') {
+    throw new KvmError('EINVAL', `strategy '${name}': create() must return an MmuInstance (an object with pageFault, load, ... methods); got ${mmu === null ? 'null' : typeof mmu}`)
+  }
+  const m = mmu as Record<string, unknown>
+  const inline = m.pageFaultInline !== undefined
+  const cont = m.pageFaultContinue !== undefined
+  if (inline !== cont || (inline && (typeof m.pageFaultInline !== 'function' || typeof m.pageFaultContinue !== 'function'))) {
+    throw new KvmError(
+      'EINVAL',
+      `strategy '${name}': the MmuInstance has ${inline ? 'pageFaultInline' : 'pageFaultContinue'} but ${inline !== cont ? 'not' : 'a non-function'} ${inline ? 'pageFaultContinue' : 'pageFaultInline'}; implement both as functions (a pending fault needs pageFaultContinue to finish), or neither (the core then runs pageFault).`,
     )
   }
 }

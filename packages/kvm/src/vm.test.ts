@@ -15,6 +15,7 @@ import {
   type MmuInstance,
   type MmuStrategy,
   type PageFault,
+  RET_PF_RETRY,
   type RetPf,
   statsToRecord,
   Vm,
@@ -186,6 +187,17 @@ describe('bad input', () => {
     expect(() => new Vm({ strategy: directMapStrategy, strategyOptions: { preSetAccessed: 'yes' } })).toThrow(/invalid options for MMU strategy 'direct-map':\n {2}- preSetAccessed: /)
     expect(() => new Vm({ strategy: directMapStrategy, strategyOptions: { bogus: 1 } })).toThrow(/invalid options for MMU strategy 'direct-map'/)
     expect(() => new Vm({ strategy: directMapStrategy, vcpus: 0 })).toThrow(/vcpus must be an integer from 1 to 64/)
+  })
+
+  it('refuses an instance with pageFaultInline but no pageFaultContinue (or the reverse), or no instance at all', () => {
+    const withExtra = (extra: Record<string, unknown>): MmuStrategy =>
+      defineMmuStrategy({ ...directMapStrategy, name: 'half-inline', create: (vm: Vm, o: never): MmuInstance => ({ ...directMapStrategy.create(vm, o), ...extra }) })
+    expect(() => new Vm({ strategy: withExtra({ pageFaultInline: () => RET_PF_RETRY }) })).toThrow(
+      expect.objectContaining({ code: 'EINVAL', message: expect.stringMatching(/strategy 'half-inline': the MmuInstance has pageFaultInline but not pageFaultContinue; implement both/) }),
+    )
+    expect(() => new Vm({ strategy: withExtra({ pageFaultContinue: () => directMapStrategy }) })).toThrow(/has pageFaultContinue but not pageFaultInline/)
+    expect(() => new Vm({ strategy: withExtra({ pageFaultInline: () => RET_PF_RETRY, pageFaultContinue: 3 }) })).toThrow(/but a non-function pageFaultContinue/)
+    expect(() => new Vm({ strategy: defineMmuStrategy({ ...directMapStrategy, create: () => null as unknown as MmuInstance }) })).toThrow(/create\(\) must return an MmuInstance/)
   })
 
   it('addMemory with a rejected memslot leaves no host mapping behind', () => {

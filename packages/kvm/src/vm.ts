@@ -8,7 +8,7 @@ import { KvmMmuNotifier, type MmuNotifierListener, MmuNotifierState } from './mm
 import { KVM_REQ_TLB_FLUSH } from './requests.ts'
 import { type ChaosOptions, type CostModel, type KernelOp, Mutex, Rcu, type RunResult, RwLock, Scheduler, type Thread, TimerQueue } from './sched/index.ts'
 import { VmStats } from './stats.ts'
-import { assertMmuStrategy, type MmuInstance, type MmuStrategy, parseStrategyOptions } from './strategy.ts'
+import { assertMmuInstance, assertMmuStrategy, type MmuInstance, type MmuStrategy, parseStrategyOptions } from './strategy.ts'
 
 /** Options of a {@link Vm}. */
 export interface VmOptions {
@@ -28,6 +28,12 @@ export interface VmOptions {
   chaos?: ChaosOptions
   /** Record the schedule (thread id per step) for interleaving comparisons. */
   recordTrace?: boolean
+  /**
+   * Let threads continue without suspending where the scheduler would resume them next anyway
+   * (Scheduler `fastPath`, MMU `pageFaultInline`). Every result is identical either way — tests
+   * compare both; turn it off only to check that. @default true
+   */
+  schedFastPath?: boolean
 }
 
 /** The base HVA at which {@link Vm.addMemory} places guest memory (like a VMM's mmap). */
@@ -73,7 +79,7 @@ export class Vm {
     const strategy = options.strategy as MmuStrategy
     const strategyOptions = parseStrategyOptions(strategy, options.strategyOptions)
     this.features = makeFeatures(options.features)
-    this.sched = new Scheduler({ costs: options.costs, chaos: options.chaos, recordTrace: options.recordTrace ?? false })
+    this.sched = new Scheduler({ costs: options.costs, chaos: options.chaos, recordTrace: options.recordTrace ?? false, fastPath: options.schedFastPath ?? true })
     this.mmuLock = new RwLock(this.sched, 'mmu_lock')
     this.slotsLock = new Mutex(this.sched, 'slots_lock')
     this.mmapLock = new Mutex(this.sched, 'mmap_lock')
@@ -84,6 +90,7 @@ export class Vm {
     this.tlbConfig = options.tlb
     this.strategy = strategy
     this.mmu = strategy.create(this, strategyOptions)
+    assertMmuInstance(this.mmu, strategy.name)
     this.notifier = new KvmMmuNotifier(this.memslots, this.notifierListener(), this.notifierState)
     this.host.registerNotifier(this.notifier)
     const n = options.vcpus ?? 1

@@ -38,6 +38,7 @@ import {
   KVM_REQ_MMU_SYNC,
   KvmError,
   type KernelOp,
+  PF_PENDING,
   type KvmVcpu,
   kvmIsVisibleMemslot,
   kvmPagesPerHpage,
@@ -206,7 +207,41 @@ export class ShadowFault {
   child: MmuPage | null = null
   /** mmu_set_spte()'s fault argument, reused. */
   readonly setSpte: SetSpteFault = { write: false, prefetch: false, hostWritable: true }
+  // ---- where a pending fault goes on (see ShadowMmu.spfRun)
+  /** The SPH_* step spfRun resumes at. */
+  phase = 0
+  /** The exit's fault, for the whole of pageFault. */
+  fault: PageFault | null = null
+  /** The cost to yield before going on (when pendingOp is null). */
+  pendingNs = 0
+  /** The blocking operation to run before going on; its result lands in opResult. */
+  pendingOp: KernelOp<unknown> | null = null
+  opResult: unknown = undefined
+  /** write_lock(mmu_lock)'s fast-path cost (-1: it blocked). */
+  acquireNs = 0
+  /** mmu_lock is held for write by this fault (released if the fault throws). */
+  lockHeld = false
+  /** The result to return once mmu_lock is dropped. */
+  ret = 0
 }
+
+// Where spfRun (pageFault's state machine) goes on after a yield.
+/** kvm_mmu_page_fault()'s start, then GUP's cost. */
+const SPH_BEGIN = 0
+/** After GUP: write_lock(mmu_lock). */
+const SPH_LOCK = 1
+/** mmu_lock held: the checks under it and the fault's work cost. */
+const SPH_LOCKED = 2
+/** Work charged: direct_map() or FNAME(fetch). */
+const SPH_MAP = 3
+/** mmu_sync_children() returned (opResult) before linking a child. */
+const SPH_AFTER_SYNC = 4
+/** Drop mmu_lock, then the end. */
+const SPH_UNLOCK = 5
+/** The result is known: write-protected / ≤6.11 emulation follow-ups, or return. */
+const SPH_END = 6
+/** A follow-up returned (opResult): return it. */
+const SPH_FINAL = 7
 
 /** pageFault's steps: go on (besides RET_PF_*). */
 const SPF_GO = -100
@@ -1668,57 +1703,184 @@ export class ShadowMmu implements MmuInstance {
    * whose error code is PFERR_NESTED_GUEST_PAGE.
    */
   *pageFault(vcpu: KvmVcpu, fault: PageFault): KernelOp<RetPf> {
-    // One generator for the whole fault (kvm_mmu_page_fault → FNAME(page_fault) / direct_page_fault):
-    // it only yields, the steps are plain methods over v.pf, so a fault allocates one small frame.
+    const r = this.pageFaultInline(vcpu, fault)
+    if (r !== PF_PENDING) return r as RetPf
+    return yield* this.pageFaultContinue(vcpu)
+  }
+
+  /**
+   * {@link pageFault} as a plain call (MmuInstance.pageFaultInline): the fault is a state machine
+   * ({@link spfRun}) over plain methods that charges each cost in place when nothing else could
+   * run meanwhile (Scheduler.tryAdvance) and otherwise stops there. RET_PF_* when it completed,
+   * PF_PENDING when {@link pageFaultContinue} must finish it.
+   */
+  pageFaultInline(vcpu: KvmVcpu, fault: PageFault): number {
     const v = this.vmmu(vcpu)
-    let r: RetPf | typeof SPF_GO | typeof FETCH_SYNC = this.pageFaultBegin(v, fault)
-    if (r === SPF_GO) {
-      // hva_to_pfn(): GUP may sleep, so invalidations can run between the seq snapshot and mmu_lock.
-      yield this.costs.gup
-      if (!v.direct) this.shadowFaultAdjustAccess(v)
-      const lock = this.vm.mmuLock
-      const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
-      if (acquireNs < 0) yield* lock.writeLock()
+    const p = v.pf
+    p.phase = SPH_BEGIN
+    p.fault = fault
+    return this.spfGuard(v)
+  }
+
+  /** Finish a fault {@link pageFaultInline} left pending: yield what it stopped at (or run the blocking operation) and go on. */
+  *pageFaultContinue(vcpu: KvmVcpu): KernelOp<RetPf> {
+    const v = this.vmmu(vcpu)
+    const p = v.pf
+    for (;;) {
+      const op = p.pendingOp
       try {
-        // Checked once the lock is taken (held for write: no other thread can change what they read).
-        r = this.shadowFaultLocked(v)
-        if (r !== SPF_GO) {
-          if (acquireNs >= 0) yield acquireNs
-        } else {
+        if (op !== null) {
+          p.pendingOp = null
+          p.opResult = yield* op
+        } else yield p.pendingNs
+      } catch (e) {
+        this.spfUnlockOnThrow(p)
+        throw e
+      }
+      const r = this.spfGuard(v)
+      if (r !== PF_PENDING) return r as RetPf
+    }
+  }
+
+  /** {@link spfRun}, releasing mmu_lock if it throws while holding it (the kernel path's try/finally). */
+  private spfGuard(v: VcpuMmu): number {
+    try {
+      return this.spfRun(v)
+    } catch (e) {
+      this.spfUnlockOnThrow(v.pf)
+      throw e
+    }
+  }
+
+  private spfUnlockOnThrow(p: ShadowFault): void {
+    if (p.lockHeld) {
+      p.lockHeld = false
+      this.vm.mmuLock.writeUnlock()
+    }
+  }
+
+  /** Stop the fault at a cost that cannot be charged in place; it goes on at `next`. */
+  private spfPendCost(p: ShadowFault, ns: number, next: number): number {
+    p.pendingNs = ns
+    p.phase = next
+    return PF_PENDING
+  }
+
+  /** Stop the fault at a blocking operation; it goes on at `next` with the result in opResult. */
+  private spfPendOp(p: ShadowFault, op: KernelOp<unknown>, next: number): number {
+    p.pendingOp = op
+    p.phase = next
+    return PF_PENDING
+  }
+
+  /**
+   * kvm_mmu_page_fault() → FNAME(page_fault) / direct_page_fault() from `v.pf.phase` on, until
+   * it completes (RET_PF_*) or has to yield (PF_PENDING). Each `tryAdvance(x) … else
+   * spfPendCost(x)` is a `yield x` of the kernel path; the yields, their costs and order are
+   * those of the kernel functions.
+   */
+  private spfRun(v: VcpuMmu): number {
+    const p = v.pf
+    const sched = this.vm.sched
+    const lock = this.vm.mmuLock
+    let r: number = RET_PF_RETRY
+    let ph = p.phase
+    for (;;) {
+      switch (ph) {
+        case SPH_BEGIN:
+          r = this.pageFaultBegin(v, p.fault!)
+          if (r !== SPF_GO) {
+            ph = SPH_END
+            continue
+          }
+          // hva_to_pfn(): GUP may sleep, so invalidations can run between the seq snapshot and mmu_lock.
+          if (!sched.tryAdvance(this.costs.gup)) return this.spfPendCost(p, this.costs.gup, SPH_LOCK)
+          ph = SPH_LOCK
+          continue
+        case SPH_LOCK: {
+          if (!v.direct) this.shadowFaultAdjustAccess(v)
+          const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
+          p.acquireNs = acquireNs
+          if (acquireNs < 0) return this.spfPendOp(p, lock.writeLock(), SPH_LOCKED)
+          p.lockHeld = true
+          ph = SPH_LOCKED
+          continue
+        }
+        case SPH_LOCKED: {
+          p.lockHeld = true
+          const acquireNs = p.acquireNs
+          // Checked once the lock is taken (held for write: no other thread can change what they read).
+          r = this.shadowFaultLocked(v)
+          if (r !== SPF_GO) {
+            p.ret = r
+            if (acquireNs >= 0 && !sched.tryAdvance(acquireNs)) return this.spfPendCost(p, acquireNs, SPH_UNLOCK)
+            ph = SPH_UNLOCK
+            continue
+          }
           // The acquisition (fast path) and the fault's software work, done holding mmu_lock for
           // write (it serializes vCPUs): one yield, as this thread changes nothing visible between.
-          yield (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
-          if (v.direct) r = this.directMap(v)
-          else {
-            r = this.fetchStart(v)
-            while (r === FETCH_SYNC) {
-              // Sync before link: the guest may use a just-made-present gPTE without flushing.
-              if ((yield* this.mmuSyncChildren(v, v.pf.child!, false)) !== 0) r = RET_PF_RETRY
-              else r = this.fetchResume(v)
-            }
-          }
+          const ns = (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
+          if (!sched.tryAdvance(ns)) return this.spfPendCost(p, ns, SPH_MAP)
+          ph = SPH_MAP
+          continue
         }
-      } finally {
-        lock.writeUnlock()
+        case SPH_MAP:
+          r = v.direct ? this.directMap(v) : this.fetchStart(v)
+          if (r === FETCH_SYNC) {
+            // Sync before link: the guest may use a just-made-present gPTE without flushing.
+            return this.spfPendOp(p, this.mmuSyncChildren(v, p.child!, false), SPH_AFTER_SYNC)
+          }
+          p.ret = r
+          ph = SPH_UNLOCK
+          continue
+        case SPH_AFTER_SYNC:
+          r = (p.opResult as number) !== 0 ? RET_PF_RETRY : this.fetchResume(v)
+          if (r === FETCH_SYNC) return this.spfPendOp(p, this.mmuSyncChildren(v, p.child!, false), SPH_AFTER_SYNC)
+          p.ret = r
+          ph = SPH_UNLOCK
+          continue
+        case SPH_UNLOCK:
+          p.lockHeld = false
+          lock.writeUnlock()
+          r = p.ret
+          ph = SPH_END
+          continue
+        case SPH_END: {
+          const fault = p.fault!
+          if (r === RET_PF_WRITE_PROTECTED) {
+            this.counters.writeProtectedFaults++
+            return this.spfPendOp(p, this.kvmMmuWriteProtectFault(v, fault), SPH_FINAL)
+          }
+          if (r === RET_PF_EMULATE && this.config.writeProtectedFault === 'emulate' && v.direct && isWriteToGuestPageTable(fault.errorCode)) {
+            return this.spfPendOp(p, this.unprotectAndRetry(v.vcpu, fault), SPH_FINAL)
+          }
+          p.fault = null
+          this.check()
+          return r
+        }
+        case SPH_FINAL:
+          p.fault = null
+          this.check()
+          return p.opResult as RetPf
+        default:
+          throw new Error(`pageFault: no phase ${String(ph)}`)
       }
     }
-    if (r === RET_PF_WRITE_PROTECTED) {
-      this.counters.writeProtectedFaults++
-      r = yield* this.kvmMmuWriteProtectFault(v, fault)
-    } else if (r === RET_PF_EMULATE && this.config.writeProtectedFault === 'emulate' && v.direct && isWriteToGuestPageTable(fault.errorCode)) {
-      // ≤6.11: "a RO violation while translating the guest page" — unprotect, resume the guest,
-      // whether or not anything was unprotected.
-      yield* this.vm.mmuLock.writeLock()
-      try {
-        this.kvmMmuUnprotectPage(vcpu.asId, Math.floor(fault.addr / 4096))
-      } finally {
-        this.vm.mmuLock.writeUnlock()
-      }
-      this.counters.unprotectRetries++
-      r = RET_PF_RETRY
+  }
+
+  /**
+   * ≤6.11 (`writeProtectedFault: 'emulate'`): "a RO violation while translating the guest page" —
+   * unprotect, resume the guest, whether or not anything was unprotected.
+   */
+  private *unprotectAndRetry(vcpu: KvmVcpu, fault: PageFault): KernelOp<RetPf> {
+    yield* this.vm.mmuLock.writeLock()
+    try {
+      this.kvmMmuUnprotectPage(vcpu.asId, Math.floor(fault.addr / 4096))
+    } finally {
+      this.vm.mmuLock.writeUnlock()
     }
-    this.check()
-    return r
+    this.counters.unprotectRetries++
+    return RET_PF_RETRY
   }
 
   /**

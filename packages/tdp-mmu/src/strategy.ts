@@ -93,6 +93,8 @@ function createTdpMmu(vm: Vm, options: TdpMmuOptions): MmuInstance {
      * around it (one generator less on every yield of the hottest path).
      */
     pageFault: (vcpu, pf: PageFault): KernelOp<RetPf> => mmu.kvmMmuPageFault(vcpu, tdpVcpuState(vcpu), pf),
+    pageFaultInline: (vcpu, pf: PageFault): number => mmu.pageFaultInline(vcpu, tdpVcpuState(vcpu), pf),
+    pageFaultContinue: (vcpu): KernelOp<RetPf> => mmu.pageFaultContinue(vcpu, tdpVcpuState(vcpu)),
     /** kvm_mmu_reset_context() → kvm_mmu_unload(). */
     *resetContext(vcpu) {
       yield* mmu.kvmMmuFreeRoots(tdpVcpuState(vcpu), true, 7, false)

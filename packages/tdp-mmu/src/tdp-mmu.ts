@@ -25,6 +25,7 @@ import {
   KVM_MEMSLOT_INVALID,
   KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
   type KernelOp,
+  PF_PENDING,
   KvmError,
   type KvmVcpu,
   makeHugeSpte,
@@ -128,6 +129,18 @@ export class TdpFault {
   targetSlot: Memslot | null = null
   /** Link/split: the new child table. */
   sp: KvmMmuPage | null = null
+  // ---- where a pending fault goes on (see kvmMmuPageFault's pfRun)
+  /** The PH_* step pfRun resumes at. */
+  phase = 0
+  /** The exit's fault, until pfBegin has decoded it. */
+  pf: PageFault | null = null
+  /** The cost to yield before going on (when pendingOp is null). */
+  pendingNs = 0
+  /** The blocking operation to run before going on; its result lands in opResult. */
+  pendingOp: KernelOp<unknown> | null = null
+  opResult: unknown = undefined
+  /** MAP_TARGET or MAP_LINK: what the pending cmpxchg is for. */
+  mapAct = 0
 }
 
 /** kvmMmuPageFault's own codes besides RET_PF_*: go on with the slow path; run fast_page_fault() first. */
@@ -136,7 +149,29 @@ const PF_FAST = -101
 /** pfLock(): the lockless invalidation pre-check says retry. */
 const PF_LOCK_RETRY = -2
 
-// Steps of the map walk of kvmMmuPageFault (what the generator must do next).
+// Where pfRun (kvmMmuPageFault's state machine) goes on after a yield.
+/** Decode the exit's fault (kvm_mmu_page_fault's start). */
+const PH_BEGIN = 0
+/** fast_page_fault() returned (fault.opResult). */
+const PH_AFTER_FAST = 1
+/** kvm_mmu_faultin_pfn(), then GUP's cost. */
+const PH_FAULTIN = 2
+/** After GUP: the invalidation pre-check and read_lock(mmu_lock). */
+const PH_LOCK = 3
+/** read_lock() returned after blocking: the fault's work cost. */
+const PH_LOCKED = 4
+/** mmu_lock held and the work charged: kvm_tdp_mmu_map(). */
+const PH_MAP = 5
+/** The cmpxchg's cost was charged: do it (tdp_mmu_set_spte_atomic()). */
+const PH_COMMIT = 6
+/** handle_removed_pt() returned after a successful cmpxchg. */
+const PH_AFTER_REMOVED = 7
+/** tdp_mmu_split_huge_page() returned (fault.opResult: whether it succeeded). */
+const PH_AFTER_SPLIT = 8
+/** tdp_mmu_pages_lock taken to track an NX-disallowed page. */
+const PH_NX_LOCKED = 9
+
+// Steps of the map walk of kvmMmuPageFault (what pfRun must do next).
 /** The walk is over; the result is in `fault.ret` (locks still held). */
 const MAP_DONE = 0
 /** cmpxchg the target-level SPTE to (fault.nLo, fault.nHi). */
@@ -1164,61 +1199,164 @@ export class TdpMmu {
   /**
    * kvm_mmu_page_fault() → kvm_tdp_page_fault() → kvm_tdp_mmu_page_fault() → kvm_tdp_mmu_map() →
    * tdp_mmu_map_handle_target_level(), with tdp_mmu_link_sp() and tdp_mmu_set_spte_atomic()
-   * inlined: one generator for the whole common fault. Every `yield*` level would be resumed on
-   * each of the fault's yields and costs an allocation per call, and a fault is the simulator's
-   * hottest path. The yields (their costs, order and the windows they open for other threads)
-   * are exactly those of the nested functions; the rare paths (fast page fault, contended
-   * mmu_lock, huge-page split, NX tracking, removed tables) still delegate.
+   * inlined. The fault is a state machine ({@link pfRun}) over plain methods: it charges each cost
+   * in place when nothing else could run meanwhile (Scheduler.tryAdvance) and otherwise stops
+   * there, and this generator yields the cost (or delegates to the blocking operation) and goes
+   * on. The yields — their costs, order and the windows they open for other threads — are
+   * exactly those of the nested kernel functions.
    */
   *kvmMmuPageFault(vcpu: KvmVcpu, st: TdpVcpuState, pf: PageFault): KernelOp<RetPf> {
-    // The generator only yields and delegates; the work is in plain methods, so its frame (copied
-    // on every suspend and resume) stays small. The fault's state lives in st.fault.
-    const r0 = this.pfBegin(vcpu, st, pf)
-    if (r0 === PF_FAST) {
-      const r = yield* this.fastPageFault(vcpu, st, st.fault)
-      if (r !== RET_PF_INVALID) return r
-    } else if (r0 !== PF_GO) return r0
-    const r1 = this.pfFaultin(vcpu, st.fault)
-    if (r1 !== PF_GO) return r1
-    // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so invalidations
-    // can run between the sequence snapshot and mmu_lock (S21).
-    yield this.gupNs
-    const acquireNs = this.pfLock(st.fault)
-    if (acquireNs === PF_LOCK_RETRY) return RET_PF_RETRY
-    // Then the fault's software work, done holding mmu_lock for read: faults on other vCPUs overlap
-    // it. One yield for both when the lock was free: this thread changes nothing between them
-    // (the lock is held throughout), so no other thread could observe a difference.
-    if (acquireNs >= 0) yield acquireNs + this.mmuFaultWorkNs
-    else {
-      yield* this.vm.mmuLock.readLock()
-      yield this.mmuFaultWorkNs
+    // Decoded when the operation starts running, not when it is created.
+    const r = this.pageFaultInline(vcpu, st, pf)
+    if (r !== PF_PENDING) return r as RetPf
+    return yield* this.pageFaultContinue(vcpu, st)
+  }
+
+  /**
+   * {@link kvmMmuPageFault} as a plain call (the strategy's `pageFaultInline`): RET_PF_* when the
+   * fault completed without having to yield, or PF_PENDING, after which the caller runs
+   * {@link pageFaultContinue} to finish it.
+   */
+  pageFaultInline(vcpu: KvmVcpu, st: TdpVcpuState, pf: PageFault): number {
+    const f = st.fault
+    f.phase = PH_BEGIN
+    f.pf = pf
+    return this.pfRun(vcpu, st)
+  }
+
+  /** Finish a fault that {@link pageFaultInline} left pending: yield what it stopped at, run on. */
+  *pageFaultContinue(vcpu: KvmVcpu, st: TdpVcpuState): KernelOp<RetPf> {
+    const f = st.fault
+    for (;;) {
+      const op = f.pendingOp
+      if (op !== null) {
+        f.pendingOp = null
+        f.opResult = yield* op
+      } else yield f.pendingNs
+      const r = this.pfRun(vcpu, st)
+      if (r !== PF_PENDING) return r as RetPf
     }
+  }
+
+  /** Stop the fault at a cost that cannot be charged in place; it goes on at `next`. */
+  private pfPendCost(f: TdpFault, ns: number, next: number): number {
+    f.pendingNs = ns
+    f.phase = next
+    return PF_PENDING
+  }
+
+  /** Stop the fault at a blocking operation; it goes on at `next` with the result in fault.opResult. */
+  private pfPendOp(f: TdpFault, op: KernelOp<unknown>, next: number): number {
+    f.pendingOp = op
+    f.phase = next
+    return PF_PENDING
+  }
+
+  /**
+   * The fault from `fault.phase` on, until it completes (RET_PF_*) or has to yield (PF_PENDING,
+   * with fault.pendingNs or fault.pendingOp set). Each `tryAdvance(x) … else pfPendCost(x)` is a
+   * `yield x` of the kernel path.
+   */
+  private pfRun(vcpu: KvmVcpu, st: TdpVcpuState): number {
     const f = st.fault
     const iter = st.iter
-    for (let a = this.pfMapBegin(vcpu, st); a !== MAP_DONE; ) {
+    const sched = this.sched
+    let a: number
+    let ph = f.phase
+    phases: for (;;) {
+      switch (ph) {
+        case PH_BEGIN: {
+          const r0 = this.pfBegin(vcpu, st, f.pf!)
+          f.pf = null
+          if (r0 === PF_FAST) return this.pfPendOp(f, this.fastPageFault(vcpu, st, f), PH_AFTER_FAST)
+          if (r0 !== PF_GO) return r0
+          ph = PH_FAULTIN
+          continue
+        }
+        case PH_AFTER_FAST:
+          if ((f.opResult as RetPf) !== RET_PF_INVALID) return f.opResult as RetPf
+          ph = PH_FAULTIN
+          continue
+        case PH_FAULTIN: {
+          const r1 = this.pfFaultin(vcpu, f)
+          if (r1 !== PF_GO) return r1
+          // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so
+          // invalidations can run between the sequence snapshot and mmu_lock (S21).
+          if (!sched.tryAdvance(this.gupNs)) return this.pfPendCost(f, this.gupNs, PH_LOCK)
+          ph = PH_LOCK
+          continue
+        }
+        case PH_LOCK: {
+          const acquireNs = this.pfLock(f)
+          if (acquireNs === PF_LOCK_RETRY) return RET_PF_RETRY
+          if (acquireNs < 0) return this.pfPendOp(f, this.vm.mmuLock.readLock(), PH_LOCKED)
+          // Then the fault's software work, done holding mmu_lock for read: faults on other vCPUs
+          // overlap it. One yield for both when the lock was free: this thread changes nothing
+          // between them (the lock is held throughout), so no other thread could observe a difference.
+          const ns = acquireNs + this.mmuFaultWorkNs
+          if (!sched.tryAdvance(ns)) return this.pfPendCost(f, ns, PH_MAP)
+          a = this.pfMapBegin(vcpu, st)
+          break phases
+        }
+        case PH_LOCKED:
+          if (!sched.tryAdvance(this.mmuFaultWorkNs)) return this.pfPendCost(f, this.mmuFaultWorkNs, PH_MAP)
+          a = this.pfMapBegin(vcpu, st)
+          break phases
+        case PH_MAP:
+          a = this.pfMapBegin(vcpu, st)
+          break phases
+        case PH_COMMIT:
+          a = this.pfCommit(vcpu, st)
+          if (a === PF_PENDING) return PF_PENDING
+          break phases
+        case PH_AFTER_REMOVED:
+          a = f.mapAct === MAP_TARGET ? this.pfTargetWritten(vcpu, f, true) : this.pfLinked(vcpu, st, true, true)
+          break phases
+        case PH_AFTER_SPLIT:
+          a = this.pfLinked(vcpu, st, f.opResult as boolean, false)
+          break phases
+        case PH_NX_LOCKED: {
+          const sp = f.sp!
+          if (sp.nxHugePageDisallowed) this.trackPossibleNxHugePage(sp) // recheck under the lock (S15)
+          this.pagesLock.unlock()
+          iter.next()
+          a = this.pfMapWalk(vcpu, st)
+          break phases
+        }
+        default:
+          throw new Error(`kvmMmuPageFault: no phase ${String(ph)}`)
+      }
+    }
+    // The map walk: act on each of its steps until it is over.
+    for (;;) {
+      if (a === MAP_DONE) {
+        this.rcuUnlock('kvm_tdp_mmu_map')
+        this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
+        return f.ret
+      }
       if (a === MAP_TARGET || a === MAP_LINK) {
         // tdp_mmu_set_spte_atomic(), inlined
         this.checkAtomicWrite(iter)
-        yield this.spteCmpxchgNs
-        const removed = this.commitAtomicWrite(iter, f.nLo, f.nHi, true)
-        if (removed !== CMPXCHG_FAILED && removed !== null) yield* this.handleRemovedPt(removed, true, true)
-        a = a === MAP_TARGET ? this.pfTargetWritten(vcpu, f, removed !== CMPXCHG_FAILED) : this.pfLinked(vcpu, st, removed !== CMPXCHG_FAILED, true)
+        f.mapAct = a
+        if (!sched.tryAdvance(this.spteCmpxchgNs)) return this.pfPendCost(f, this.spteCmpxchgNs, PH_COMMIT)
+        a = this.pfCommit(vcpu, st)
+        if (a === PF_PENDING) return PF_PENDING
       } else if (a === MAP_SPLIT) {
-        const ok = yield* this.tdpMmuSplitHugePage(iter, f.sp!, true)
-        a = this.pfLinked(vcpu, st, ok, false)
+        return this.pfPendOp(f, this.tdpMmuSplitHugePage(iter, f.sp!, true), PH_AFTER_SPLIT)
       } else {
         // MAP_NX_TRACK
-        const sp = f.sp!
-        yield* this.pagesLock.lock()
-        if (sp.nxHugePageDisallowed) this.trackPossibleNxHugePage(sp) // recheck under the lock (S15)
-        this.pagesLock.unlock()
-        iter.next()
-        a = this.pfMapWalk(vcpu, st)
+        return this.pfPendOp(f, this.pagesLock.lock(), PH_NX_LOCKED)
       }
     }
-    this.rcuUnlock('kvm_tdp_mmu_map')
-    this.mmuUnlock('read', 'kvm_tdp_mmu_page_fault')
-    return f.ret
+  }
+
+  /** The cmpxchg of tdp_mmu_set_spte_atomic() after its cost: the next map step, or PF_PENDING to free a removed table. */
+  private pfCommit(vcpu: KvmVcpu, st: TdpVcpuState): number {
+    const f = st.fault
+    const removed = this.commitAtomicWrite(st.iter, f.nLo, f.nHi, true)
+    if (removed !== CMPXCHG_FAILED && removed !== null) return this.pfPendOp(f, this.handleRemovedPt(removed, true, true), PH_AFTER_REMOVED)
+    const ok = removed !== CMPXCHG_FAILED
+    return f.mapAct === MAP_TARGET ? this.pfTargetWritten(vcpu, f, ok) : this.pfLinked(vcpu, st, ok, true)
   }
 
   /** Costs the fault path yields, read once (the cost model is immutable). */

@@ -384,3 +384,115 @@ describe('call protocol (sched.call)', () => {
     expect(() => s.run()).toThrow(/thread "a" \(#0\) failed at t=1 ns: deep/)
   })
 })
+
+describe('fast path (tryAdvance)', () => {
+  /**
+   * A program of costs on several threads (with a lock, a timer-like RCU grace period and ties),
+   * written once with `yield ns` and once with `if (!sched.tryAdvance(ns)) yield ns`.
+   */
+  function scenario(opts: SchedulerOptions, fast: boolean) {
+    const sched = new Scheduler({ recordTrace: true, ...opts })
+    const lock = new Mutex(sched, 'm')
+    const rcu = new Rcu(sched)
+    const log: string[] = []
+    let advanced = 0
+    function* spend(ns: number): KernelOp {
+      if (fast && sched.tryAdvance(ns)) {
+        advanced++
+        return
+      }
+      yield ns
+    }
+    const worker = (name: string, costs: number[]) =>
+      function* (): KernelOp<string> {
+        for (const c of costs) {
+          yield* spend(c)
+          log.push(`${name}@${sched.now}`)
+          if (c === 7) {
+            yield* lock.lock()
+            yield* spend(3)
+            lock.unlock()
+          }
+          if (c === 11) yield* rcu.synchronize()
+        }
+        return name
+      }
+    sched.spawn('A', worker('A', [5, 5, 7, 1, 1, 1, 11, 2]))
+    sched.spawn('B', worker('B', [1, 1, 1, 1, 30, 7, 5]), { startTime: 12 })
+    sched.spawn('C', worker('C', [4, 4, 4, 11, 4]), { startTime: 12 })
+    const r = sched.run()
+    return { r, log, stats: { ...sched.stats }, now: sched.now, hash: sched.traceHash, trace: [...sched.trace], clocks: sched.allThreads.map((t) => [t.clock, t.steps]), advanced, fastSteps: sched.fastSteps }
+  }
+
+  it('gives exactly the clocks, steps, trace and hash of real yields, and takes the fast path where it may', () => {
+    const slow = scenario({}, false)
+    const fast = scenario({}, true)
+    expect(fast.advanced).toBeGreaterThan(0)
+    expect(fast.fastSteps).toBe(fast.advanced)
+    expect(slow.advanced).toBe(0)
+    const { advanced: _a, fastSteps: _c, ...f } = fast
+    const { advanced: _b, fastSteps: _d, ...s } = slow
+    expect(f).toEqual(s)
+  })
+
+  it('is refused with the fastPath option off or in chaos mode (and both still agree with real yields)', () => {
+    for (const opts of [{ fastPath: false }, { chaos: { seed: 5 } }] as SchedulerOptions[]) {
+      const fast = scenario(opts, true)
+      expect(fast.advanced).toBe(0)
+      const { advanced: _a, fastSteps: _c, ...f } = fast
+      const { advanced: _b, fastSteps: _d, ...s } = scenario(opts, false)
+      expect(f).toEqual(s)
+    }
+    expect(new Scheduler({ fastPath: false }).fastPathEnabled).toBe(false)
+    expect(new Scheduler({ chaos: { seed: 1 } }).fastPathEnabled).toBe(false)
+    expect(new Scheduler().fastPathEnabled).toBe(true)
+  })
+
+  it('refuses when another runnable thread would run first: an earlier clock, or the same clock and a lower id', () => {
+    const sched = new Scheduler()
+    const got: boolean[] = []
+    sched.spawn('low', function* () {
+      yield 10
+    }, { startTime: 5 })
+    sched.spawn('t', function* () {
+      got.push(sched.tryAdvance(4)) // 4 < 5: still first
+      got.push(sched.tryAdvance(1)) // 5 = 5 but id 1 > 0: 'low' first
+      got.push(sched.tryAdvance(0)) // refused above, so still at 4 < 5
+      yield 0
+    })
+    sched.run()
+    expect(got).toEqual([true, false, true])
+  })
+
+  it('refuses when a timed event is due by then, past the run horizon, or at the step limit; outside threads it is false', () => {
+    const sched = new Scheduler()
+    const rcu = new Rcu(sched)
+    const got: boolean[] = []
+    const fired: number[] = []
+    expect(sched.tryAdvance(1)).toBe(false)
+    sched.spawn('t', function* () {
+      rcu.callRcu(() => fired.push(sched.now))
+      const gp = sched.costs.rcuGracePeriod
+      got.push(sched.tryAdvance(gp)) // the grace period ends at gp: the callback fires first
+      got.push(sched.tryAdvance(gp - 1))
+      yield 100
+      got.push(sched.tryAdvance(10)) // until = 1_000_150 allows 1_000_109...
+      got.push(sched.tryAdvance(50)) // ...but not 1_000_159
+      yield 0
+    })
+    const r = sched.run({ until: sched.costs.rcuGracePeriod + 150 })
+    expect(r.reason).toBe('idle')
+    expect(got).toEqual([false, true, true, false])
+    expect(fired).toEqual([sched.costs.rcuGracePeriod])
+    const s2 = new Scheduler()
+    const got2: boolean[] = []
+    s2.spawn('t', function* () {
+      got2.push(s2.tryAdvance(1), s2.tryAdvance(1), s2.tryAdvance(1))
+      yield 0
+    })
+    // maxSteps 3: the fast path may start steps 2 and 3 but not a 4th.
+    expect(s2.run({ maxSteps: 3 })).toEqual({ reason: 'maxSteps', steps: 3 })
+    expect(got2).toEqual([true, true, false])
+    expect(s2.stats.steps).toBe(3)
+  })
+})

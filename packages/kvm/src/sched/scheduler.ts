@@ -146,6 +146,12 @@ export interface SchedulerOptions {
   readonly chaos?: ChaosOptions
   /** Keep the id of the thread run at every step in `trace` (the hash is always kept). Default false. */
   readonly recordTrace?: boolean
+  /**
+   * Let {@link Scheduler.tryAdvance} continue a thread without suspending it when the scheduler
+   * would resume that same thread next anyway. Results (clocks, stats, trace and its hash) are
+   * identical either way; off, every cost is a real suspension. Default true.
+   */
+  readonly fastPath?: boolean
 }
 
 export interface SpawnOptions {
@@ -229,11 +235,19 @@ export class Scheduler {
   private readonly prng: Prng | null
   private readonly changeSteps: number[] = []
   private readonly reschedProbability: number
+  /** The current run()'s horizon, step limit and steps so far (read by tryAdvance). */
+  private runUntil = Infinity
+  private runMaxSteps = Infinity
+  private runSteps = 0
+  private fastStepCount = 0
+  /** tryAdvance may continue threads: fastPath option on and no chaos (PCT picks by priority). */
+  private readonly fastPath: boolean
 
   constructor(options: SchedulerOptions = {}) {
     this.costs = makeCostModel(options.costs)
     this.recordTrace = options.recordTrace ?? false
     const chaos = options.chaos
+    this.fastPath = (options.fastPath ?? true) && chaos === undefined
     if (chaos === undefined) {
       this.prng = null
       this.reschedProbability = 0
@@ -258,6 +272,16 @@ export class Scheduler {
   /** The running thread's clock inside a thread; otherwise the latest time the simulation reached. */
   get now(): number {
     return this.cur === null ? this.nowNs : this.cur.clock
+  }
+
+  /** Steps begun by {@link tryAdvance} without a suspension (included in `stats.steps`). */
+  get fastSteps(): number {
+    return this.fastStepCount
+  }
+
+  /** Whether {@link tryAdvance} may continue threads (the `fastPath` option, and no chaos). */
+  get fastPathEnabled(): boolean {
+    return this.fastPath
   }
 
   /** The running thread, or null outside threads (test code, RCU callbacks). */
@@ -422,9 +446,12 @@ export class Scheduler {
     const until = options.until ?? Infinity
     const maxSteps = options.maxSteps ?? Infinity
     this.running = true
-    let steps = 0
+    this.runUntil = until
+    this.runMaxSteps = maxSteps
+    this.runSteps = 0
     try {
       for (;;) {
+        const steps = this.runSteps
         if (steps >= maxSteps) return { reason: 'maxSteps', steps }
         const t = this.pick(until)
         const te = this.nextEventTime()
@@ -446,11 +473,50 @@ export class Scheduler {
           continue
         }
         this.step(t)
-        steps++
+        this.runSteps++
       }
     } finally {
       this.running = false
     }
+  }
+
+  /**
+   * `if (!sched.tryAdvance(ns)) yield ns` behaves exactly as `yield cost(ns)`, only faster. When
+   * the scheduler would resume the running thread next anyway — after charging `ns` it still has
+   * the earliest clock (ties: lowest id) among runnable threads, no timed event is due by then,
+   * and the run's horizon and step limit allow another step — this charges `ns`, accounts the
+   * step boundary as {@link run} would (stats, trace, hash) and returns true: the thread goes on
+   * without a suspension and a trip through the run loop. Otherwise it changes nothing and
+   * returns false, and the caller yields. Never in chaos mode (PCT picks by priority) or with
+   * the `fastPath` option off.
+   */
+  tryAdvance(ns: number): boolean {
+    const t = this.cur
+    if (t === null || !this.fastPath) return false
+    if (DEBUG && !(ns >= 0 && ns < Infinity)) {
+      throw new ConcurrencyError('INVALID_ARGUMENT', `tryAdvance(ns) needs a finite ns ≥ 0, got ${ns}.`)
+    }
+    const c = t.clock + ns
+    const until = this.runUntil
+    if (c >= until || this.runSteps + 1 >= this.runMaxSteps) return false
+    const live = this.live
+    for (let i = 0; i < live.length; i++) {
+      const o = live[i]!
+      if (o === t || o.state !== 'runnable' || o.clock >= until) continue
+      if (o.clock < c || (o.clock === c && o.id < t.id)) return false
+    }
+    const sources = this.sources
+    for (let i = 0; i < sources.length; i++) if (sources[i]!.nextEventTime() <= c) return false
+    // The end of this step (run() counts it) and the start of the next, as step() does.
+    t.clock = c
+    this.runSteps++
+    this.fastStepCount++
+    this.stats.steps++
+    t.steps++
+    if (this.recordTrace) this.trace.push(t.id)
+    this.hash = Math.imul(this.hash ^ t.id, 0x01000193) >>> 0
+    if (c > this.nowNs) this.nowNs = c
+    return true
   }
 
   private hasRunnable(): boolean {

@@ -13,13 +13,18 @@ export type Program = (cpu: Cpu) => Routine
 export const GUEST_MEM = 32 << 20
 
 /** Boot the guest OS on a tdp VM and run `program` on every vCPU. */
-export function runOnVm(vcpus: number, program: Program, options: { chaosSeed?: number; strategyOptions?: unknown; reschedProbability?: number; thp?: boolean; beforeRun?: (vm: Vm) => void } = {}) {
+export function runOnVm(
+  vcpus: number,
+  program: Program,
+  options: { chaosSeed?: number; strategyOptions?: unknown; reschedProbability?: number; thp?: boolean; beforeRun?: (vm: Vm) => void; schedFastPath?: boolean } = {},
+) {
   const vm = new Vm({
     strategy: tdpStrategy,
     strategyOptions: options.strategyOptions,
     vcpus,
     hostMemBytes: 256 << 20,
     chaos: options.chaosSeed === undefined ? undefined : { seed: options.chaosSeed, reschedProbability: options.reschedProbability ?? 0 },
+    schedFastPath: options.schedFastPath,
   })
   vm.addMemory(0, GUEST_MEM, { thp: options.thp ?? false })
   const os = new GuestOs({ memBytes: GUEST_MEM, features: vm.features, ops: vm.vcpus.map((v) => v.guest.op), idt: vm.idt })

@@ -1,0 +1,70 @@
+import { describe, expect, it } from 'vitest'
+import { contextSwitchRing, cr0WpToggle, forkStorm, memstress, mprotectStorm } from '@mmusim/guest'
+import { statsToRecord, Vm } from '@mmusim/kvm'
+import { legacyTdpStrategy, shadowStrategy } from './index.ts'
+import { type Program, runOnVm } from './testing/harness.spec.ts'
+import { setUpPopulate } from './testing/populate-guest.ts'
+
+// The scheduler's fast path (Scheduler.tryAdvance) and the shadow MMU's inline page fault
+// (pageFaultInline / pageFaultContinue) must change nothing but the simulator's speed: every
+// clock, step, interleaving (trace hash) and counter equals the run with every cost a real yield.
+
+/** Everything a run produces that a user can observe, except the fast path's own counter. */
+function fingerprint(vm: Vm) {
+  return {
+    sched: { ...vm.sched.stats },
+    now: vm.sched.now,
+    hash: vm.sched.traceHash,
+    clocks: vm.sched.allThreads.map((t) => [t.name, t.clock, t.steps]),
+    vcpus: vm.vcpus.map((v) => statsToRecord(v.stats)),
+    vm: statsToRecord(vm.stats),
+    mmu: vm.mmu.stats(),
+    mmuPages: [vm.mmuPagesLive, vm.mmuPagesAllocated],
+    lock: { r: { ...vm.mmuLock.stats.read }, w: { ...vm.mmuLock.stats.write } },
+  }
+}
+
+const programs: [string, Program][] = [
+  ['memstress', (cpu) => memstress(cpu, { iterations: 2, bytesPerVcpu: 32 * 4096 })],
+  ['fork storm', (cpu) => forkStorm(cpu, { rounds: 1 })],
+  ['mprotect storm', (cpu) => mprotectStorm(cpu, { iterations: 2 })],
+  ['context-switch ring', (cpu) => contextSwitchRing(cpu, { laps: 2 })],
+  ['CR0.WP toggle', (cpu) => cr0WpToggle(cpu, { iterations: 8 })],
+]
+
+describe('fast path on and off give identical runs (shadow MMU, legacy TDP)', () => {
+  for (const strategy of [shadowStrategy, legacyTdpStrategy]) {
+    for (const [name, program] of programs) {
+      it.each([1, 2, 4])(`${strategy.name}: ${name} on %i vCPU(s)`, (vcpus) => {
+        const on = runOnVm(strategy, vcpus, program, { vm: { schedFastPath: true } })
+        const off = runOnVm(strategy, vcpus, program, { vm: { schedFastPath: false } })
+        expect(fingerprint(on.vm)).toEqual(fingerprint(off.vm))
+        expect(on.totals).toEqual(off.totals)
+        expect(off.vm.sched.fastSteps).toBe(0)
+        if (vcpus === 1) expect(on.vm.sched.fastSteps).toBeGreaterThan(0)
+        expect(on.mmu.audit()).toEqual([])
+        on.vm.destroy()
+        off.vm.destroy()
+      })
+    }
+  }
+
+  it.each([1, 2, 4])('populate (one fault per page) on %i vCPU(s), both strategies', (vcpus) => {
+    for (const strategy of [shadowStrategy, legacyTdpStrategy]) {
+      const run = (schedFastPath: boolean) => {
+        const vm = new Vm({ strategy, vcpus, hostMemBytes: 96 << 20, schedFastPath })
+        setUpPopulate(vm, { vcpus, bytesPerVcpu: 2 << 20 })
+        vm.run()
+        return vm
+      }
+      const on = run(true)
+      const off = run(false)
+      expect(fingerprint(on)).toEqual(fingerprint(off))
+      expect(on.vcpus.reduce((n, v) => n + v.stats.pf_fixed, 0)).toBeGreaterThanOrEqual(512 * vcpus)
+      // One vCPU: nothing else runs, so each fault's yields (exit, GUP, mmu_lock + work) are taken in place.
+      if (vcpus === 1) expect(on.sched.fastSteps).toBeGreaterThanOrEqual(3 * 512)
+      on.destroy()
+      off.destroy()
+    }
+  })
+})
