@@ -14,8 +14,11 @@
 import './debug-off.ts'
 import { writeFileSync } from 'node:fs'
 import { Bench } from 'tinybench'
-import { C_MEM_REFS, C_TLB_MISS, C_WALKS, DEBUG } from '@mmusim/x86-hw'
+import { C_MEM_REFS, C_TLB_MISS, C_WALKS, DEBUG, tuneV8ForSimulation } from '@mmusim/x86-hw'
 import { bareFixture, eptFixture } from './fixtures.ts'
+
+// As the mmusim CLI does: V8's inlining budget for the simulator's chains of small methods.
+tuneV8ForSimulation()
 
 const args = process.argv.slice(2)
 const jsonOut = args.includes('--json') ? args[args.indexOf('--json') + 1] : undefined

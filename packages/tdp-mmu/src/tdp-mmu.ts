@@ -277,6 +277,10 @@ export class TdpMmu {
   private readonly hz: TdpMmuOptions['testHazards']
   private readonly pre64: boolean
   private readonly adDisabled: boolean
+  /** Costs the fault path yields, read once (the cost model is immutable): GUP's host walk (two DRAM references), the fault's work, a cmpxchg. */
+  private readonly gupNs: number
+  private readonly mmuFaultWorkNs: number
+  private readonly spteCmpxchgNs: number
 
   constructor(vm: Vm, opts: TdpMmuOptions) {
     this.vm = vm
@@ -295,6 +299,10 @@ export class TdpMmu {
     this.maxHugeLevel = opts.format === 'ept' ? (f.ept1G ? 3 : f.ept2M ? 2 : 1) : f.gbPages ? 3 : 2
     this.maxGfn = 2 ** (f.maxPhyAddr - 12)
     this.pagesLock = new Spinlock(vm.sched, 'tdp_mmu_pages_lock')
+    const costs = vm.sched.costs
+    this.gupNs = costs.dramRef * 2
+    this.mmuFaultWorkNs = costs.mmuFaultWork
+    this.spteCmpxchgNs = costs.spteCmpxchg
   }
 
   // ================================================================== small helpers
@@ -1357,19 +1365,6 @@ export class TdpMmu {
     if (removed !== CMPXCHG_FAILED && removed !== null) return this.pfPendOp(f, this.handleRemovedPt(removed, true, true), PH_AFTER_REMOVED)
     const ok = removed !== CMPXCHG_FAILED
     return f.mapAct === MAP_TARGET ? this.pfTargetWritten(vcpu, f, ok) : this.pfLinked(vcpu, st, ok, true)
-  }
-
-  /** Costs the fault path yields, read once (the cost model is immutable). */
-  private get gupNs(): number {
-    return this.sched.costs.dramRef * 2
-  }
-
-  private get mmuFaultWorkNs(): number {
-    return this.sched.costs.mmuFaultWork
-  }
-
-  private get spteCmpxchgNs(): number {
-    return this.sched.costs.spteCmpxchg
   }
 
   /**

@@ -90,7 +90,7 @@ import {
 import type { PhysMem } from './phys-mem.ts'
 import { PagingStructureCache } from './psc.ts'
 import { Tlb, type TlbConfig, TLBF_DIRTY, TLBF_HOSTW, TLBF_HOSTX, TLBF_PKEY_SHIFT, TLBF_RW, TLBF_US, TLBF_XD } from './tlb.ts'
-import { type NestedTranslator, walk } from './walk.ts'
+import { type NestedTranslator, walk, walkPagingOff } from './walk.ts'
 import { WALK_GP, WALK_OK, WALK_PF, WalkResult } from './walk-result.ts'
 
 /** Hardware modes a hypervisor configures (ARCHITECTURE.md "vCPU execution"). */
@@ -362,7 +362,8 @@ export class Vcpu {
     c[C_WALKS]!++
     let st
     const psc = this.psc
-    if (psc !== null && this.nested === null && ctx.mode !== PAGING_NONE && psc.lookup(this.asid, ctx.pcid, la)) {
+    if (ctx.mode === PAGING_NONE) st = walkPagingOff(la, kind, this.nested, res)
+    else if (psc !== null && this.nested === null && psc.lookup(this.asid, ctx.pcid, la)) {
       c[C_PSC_HITS]!++
       st = walk(this.mem, ctx, state, la, kind, implicit, null, res, psc.startLevel, psc.startTable, psc.startRw, psc.startUs, psc.startXd)
     } else {

@@ -34,6 +34,37 @@ export interface NestedTranslator {
 }
 
 /**
+ * {@link walk} with paging off (CR0.PG = 0): linear = physical, or guest-physical under nested
+ * paging (32-bit addresses), translated through the second dimension alone. A small function of
+ * its own, as the vCPU calls it directly on every access of a guest running without paging.
+ */
+export function walkPagingOff(la: number, kind: AccessKind, nested: NestedTranslator | null, res: WalkResult): WalkStatus {
+  res.memRefs = 0
+  res.adWrites = 0
+  res.restarts = 0
+  res.la = la
+  res.kind = kind
+  res.hostW = 1
+  res.hostX = 1
+  res.nestedLevel = 3
+  const gpa = la >>> 0
+  res.level = 0
+  res.rw = 1
+  res.us = 1
+  res.xd = 0
+  res.pkey = 0
+  res.dirty = 1
+  res.global = 0
+  res.gpa = gpa
+  if (nested !== null) {
+    const hpa = nested.translate(gpa, kind, true, res)
+    if (hpa < 0) return WALK_EXIT
+    res.pa = hpa
+  } else res.pa = gpa
+  return (res.status = WALK_OK)
+}
+
+/**
  * Walk the guest (or, in shadow mode, the shadow) page tables for one linear access, with the
  * exact SDM order of checks (x86-hw.md §3.1–§3.5): canonical check, per level P then reserved
  * bits, rights at the leaf, then A/D updates by compare-and-exchange (restarting the walk if an
@@ -61,6 +92,7 @@ export function walk(
   startUs = 1,
   startXd = 0,
 ): WalkStatus {
+  if (ctx.mode === PAGING_NONE) return walkPagingOff(la, kind, nested, res)
   res.memRefs = 0
   res.adWrites = 0
   res.restarts = 0
@@ -70,25 +102,6 @@ export function walk(
   res.hostX = 1
   res.nestedLevel = 3
   const user = state.cpl === 3 && !implicit
-  if (ctx.mode === PAGING_NONE) {
-    // Paging off: linear = physical (guest-physical under nested paging); 32-bit addresses.
-    const gpa = la >>> 0
-    res.level = 0
-    res.rw = 1
-    res.us = 1
-    res.xd = 0
-    res.pkey = 0
-    res.dirty = 1
-    res.global = 0
-    res.gpa = gpa
-    if (nested !== null) {
-      res.gpa = gpa
-      const hpa = nested.translate(gpa, kind, true, res)
-      if (hpa < 0) return WALK_EXIT
-      res.pa = hpa
-    } else res.pa = gpa
-    return (res.status = WALK_OK)
-  }
   if (ctx.mode < PAGING_4L) {
     throw new HwConfigError('32-bit and PAE paging are not modelled yet; run the guest with 4-level or 5-level paging')
   }
