@@ -15,3 +15,4 @@ export * from './reference.ts'
 export { directMapStrategy } from './examples/direct-map-strategy.ts'
 /** Testing helper: a guest that writes garbage into its page tables (differential tests of every strategy). */
 export { GARBAGE, garbageGuest, type GarbageResult, ROM_GUEST_EXPECTED, runGarbageGuestOnReference, runGarbageGuestOnVm, runRomGuest } from './testing/garbage-guest.ts'
+export { PfnMap } from './pfn-map.ts'

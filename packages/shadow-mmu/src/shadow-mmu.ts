@@ -38,6 +38,7 @@ import {
   KVM_REQ_MMU_SYNC,
   KvmError,
   type KernelOp,
+  PfnMap,
   PF_PENDING,
   type KvmVcpu,
   kvmIsVisibleMemslot,
@@ -225,6 +226,14 @@ export class ShadowFault {
   ret = 0
 }
 
+/**
+ * `x - x % n` for an integer x ≥ 0 and a power of two n, without `%`: V8 compiles `%` on values
+ * it does not know to be int32 (gfns, pfns and addresses held as doubles) to a C call (fmod).
+ */
+function alignDown(x: number, n: number): number {
+  return Math.floor(x / n) * n
+}
+
 // Where spfRun (pageFault's state machine) goes on after a yield.
 /** kvm_mmu_page_fault()'s start, then GUP's cost. */
 const SPH_BEGIN = 0
@@ -266,7 +275,7 @@ export class ShadowMmu implements MmuInstance {
   /** `mmu_page_hash`: 4096 buckets, most recent first. */
   readonly mmuPageHash: (MmuPage[] | undefined)[] = new Array<MmuPage[] | undefined>(1 << KVM_MMU_HASH_SHIFT)
   /** Every allocated shadow page by the pfn of its spt (`to_shadow_page`). */
-  readonly pageByPfn = new Map<number, MmuPage>()
+  readonly pageByPfn = new PfnMap<MmuPage>()
   nUsedMmuPages = 0
   nRequestedMmuPages = 0
   nMaxMmuPages = KVM_MIN_ALLOC_MMU_PAGES
@@ -363,7 +372,7 @@ export class ShadowMmu implements MmuInstance {
 
   /** `sptep_to_sp`. */
   spOfSptep(sptep: number): MmuPage {
-    return this.spOfHpa(sptep - (sptep % 4096))
+    return this.spOfHpa(Math.floor(sptep / 4096) * 4096)
   }
 
   /** The vCPU's MMU context. */
@@ -903,7 +912,7 @@ export class ShadowMmu implements MmuInstance {
       let child: MmuPage
       if (isShadowPresentPte(lo) && !isLargePte(lo)) child = this.childOf(lo, hi)
       else {
-        const baseGfn = gfn - (gfn % kvmPagesPerHpage(level))
+        const baseGfn = alignDown(gfn, kvmPagesPerHpage(level))
         child = this.kvmMmuGetShadowPage(v, baseGfn, this.childRole(sp.role, true, access))
         this.linkShadowPage(sp, idx, child)
       }
@@ -993,7 +1002,7 @@ export class ShadowMmu implements MmuInstance {
 
   private dropSpteAt(sptep: number): void {
     const sp = this.spOfSptep(sptep)
-    this.dropSpte(sp, (sptep % 4096) / 8)
+    this.dropSpte(sp, (sptep - Math.floor(sptep / 4096) * 4096) / 8)
   }
 
   /** mmu_page_zap_pte(): zap one entry of `sp`; a non-leaf only loses its link (child orphaned). */
@@ -2099,7 +2108,7 @@ export class ShadowMmu implements MmuInstance {
     const gm = v.vcpu.guestMem
     const gpa = w.pteGpa[level]!
     if (level === 1) {
-      const base = gpa - (gpa % (PTE_PREFETCH_NUM * 8))
+      const base = alignDown(gpa, PTE_PREFETCH_NUM * 8)
       const index = (gpa - base) / 8
       // The 8 gPTEs share one guest page: translate it once, then 8 reads.
       const cached = this.walkedGpteHpa(v, level)
@@ -2210,13 +2219,13 @@ export class ShadowMmu implements MmuInstance {
     const sp = this.descSp
     const idx = this.descIdx
     const pages = kvmPagesPerHpage(goal)
-    const baseGfn = p.gfn - (p.gfn % pages)
+    const baseGfn = alignDown(p.gfn, pages)
     if (p.slot === null) v.vcpu.stats.pf_mmio_spte_created++ // mmu_set_spte()'s MMIO SPTE
     const sf = p.setSpte
     sf.write = p.write
     sf.prefetch = false
     sf.hostWritable = p.hostWritable
-    const ret = this.mmuSetSpte(p.slot, sp, idx, p.pteAccess, baseGfn, p.pfn - (p.pfn % pages), sf)
+    const ret = this.mmuSetSpte(p.slot, sp, idx, p.pteAccess, baseGfn, alignDown(p.pfn, pages), sf)
     if (ret !== RET_PF_SPURIOUS && this.config.prefetch) this.ptePrefetch(v, sp, idx)
     return ret
   }
@@ -2343,7 +2352,7 @@ export class ShadowMmu implements MmuInstance {
     sf.write = p.write
     sf.prefetch = false
     sf.hostWritable = p.hostWritable
-    const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, gfn - (gfn % pages), p.pfn - (p.pfn % pages), sf)
+    const ret = this.mmuSetSpte(slot, sp, idx, ACC_ALL, alignDown(gfn, pages), alignDown(p.pfn, pages), sf)
     if (ret !== RET_PF_SPURIOUS && this.config.prefetch && goal === 1 && this.vm.notifierState.inProgress === 0) this.directPtePrefetch(v, sp, idx)
     return ret
   }
@@ -2363,7 +2372,7 @@ export class ShadowMmu implements MmuInstance {
       if (sp.level === 1 || isLargePte(lo)) {
         if (isWritablePte(lo)) return RET_PF_SPURIOUS
         if (!isMmuWritableSpte(this.fmt, lo, hi)) return 0
-        const gfn = this.spGetGfn(sp, (sptep % 4096) / 8)
+        const gfn = this.spGetGfn(sp, (sptep - Math.floor(sptep / 4096) * 4096) / 8)
         const slot = this.vm.memslots.gfnToMemslot(this.asIdOf(sp), gfn)
         if (slot !== null && kvmSlotDirtyTrackEnabled(slot)) {
           if (sp.level > 1) return 0

@@ -25,6 +25,7 @@ import {
   KVM_MEMSLOT_INVALID,
   KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
   type KernelOp,
+  PfnMap,
   PF_PENDING,
   KvmError,
   type KvmVcpu,
@@ -239,7 +240,7 @@ export class TdpMmu {
   /** `kvm->arch.tdp_mmu_pages_lock`. */
   readonly pagesLock: Spinlock
   /** Every allocated TDP MMU page (linked, or disconnected and awaiting its RCU free), by frame. */
-  readonly sps = new Map<number, KvmMmuPage>()
+  readonly sps = new PfnMap<KvmMmuPage>()
   /** `kvm->arch.tdp_mmu_roots` (newest first; an RCU list). */
   rootsHead: KvmMmuPage | null = null
   /** `kvm->arch.possible_nx_huge_pages` (FIFO: track at the tail, recover from the head). */
