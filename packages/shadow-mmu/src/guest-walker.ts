@@ -124,7 +124,8 @@ export class GuestWalker {
     this.walkSeq = ns.inProgress === 0 ? ns.seq : -1
     this.walkGen = vcpu.vm.memslots.space(vcpu.asId).generation
     const res = this.res
-    const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res)
+    // Every argument given (from CR3, full rights): no default-parameter handling per walk.
+    const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res, 0, 0, 1, 1, 0)
     if (st !== WALK_OK) {
       // A guest table outside guest memory reads as open bus (GuestMemory.translate): all ones,
       // so the walk fails with RSVD like on bare metal. With `unbackedTables: 'kvm'` the table

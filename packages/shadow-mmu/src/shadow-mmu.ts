@@ -276,6 +276,9 @@ export class ShadowMmu implements MmuInstance {
   readonly mmuPageHash: (MmuPage[] | undefined)[] = new Array<MmuPage[] | undefined>(1 << KVM_MMU_HASH_SHIFT)
   /** Every allocated shadow page by the pfn of its spt (`to_shadow_page`). */
   readonly pageByPfn = new PfnMap<MmuPage>()
+  /** {@link slotMmu}'s one-entry cache. */
+  private lastSlot: Memslot | null = null
+  private lastSlotMmu: SlotMmu | null = null
   nUsedMmuPages = 0
   nRequestedMmuPages = 0
   nMaxMmuPages = KVM_MIN_ALLOC_MMU_PAGES
@@ -390,6 +393,9 @@ export class ShadowMmu implements MmuInstance {
 
   /** The slot's rmaps and write-track counts (allocated on first use). */
   slotMmu(slot: Memslot): SlotMmu {
+    // The last slot's data, cached: a fault asks for it several times. An entry, once made, stays
+    // with its Memslot object for the slot's life (a changed memslot is a new object).
+    if (slot === this.lastSlot) return this.lastSlotMmu!
     let d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
     if (d === undefined) {
       const n2 = slot.arch.lpageInfo[0].length
@@ -400,6 +406,8 @@ export class ShadowMmu implements MmuInstance {
       }
       slot.arch.mmu.set(this.slotKey, d)
     }
+    this.lastSlot = slot
+    this.lastSlotMmu = d
     return d
   }
 
@@ -959,10 +967,12 @@ export class ShadowMmu implements MmuInstance {
     }
     this.updatePageStats(sp.level, 1)
     const sptep = sp.hpa + idx * 8
-    let head = this.rmapHead(slot, sp.level, gfn, false)
+    const arr = this.slotMmu(slot).rmap[sp.level - 1]!
+    const i = gfnToIndex(gfn, slot.baseGfn, sp.level)
+    let head = arr[i]
     // A new head as a one-element literal: most gfns have one mapping, and `[]` + push would
     // allocate room for 17.
-    if (head === undefined) this.slotMmu(slot).rmap[sp.level - 1]![gfnToIndex(gfn, slot.baseGfn, sp.level)] = head = [sptep]
+    if (head === undefined) arr[i] = head = [sptep]
     else head.push(sptep)
     const n = head.length
     if (n > this.vm.stats.max_mmu_rmap_size) this.vm.stats.max_mmu_rmap_size = n

@@ -367,7 +367,8 @@ export class Vcpu {
       c[C_PSC_HITS]!++
       st = walk(this.mem, ctx, state, la, kind, implicit, null, res, psc.startLevel, psc.startTable, psc.startRw, psc.startUs, psc.startXd)
     } else {
-      st = walk(this.mem, ctx, state, la, kind, implicit, this.nested, res)
+      // Every argument given (start at CR3 with full rights): no default-parameter handling per walk.
+      st = walk(this.mem, ctx, state, la, kind, implicit, this.nested, res, 0, 0, 1, 1, 0)
     }
     c[C_MEM_REFS]! += res.memRefs
     c[C_AD_WRITES]! += res.adWrites
