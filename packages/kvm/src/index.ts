@@ -16,3 +16,5 @@ export { directMapStrategy } from './examples/direct-map-strategy.ts'
 /** Testing helper: a guest that writes garbage into its page tables (differential tests of every strategy). */
 export { GARBAGE, garbageGuest, type GarbageResult, ROM_GUEST_EXPECTED, runGarbageGuestOnReference, runGarbageGuestOnVm, runRomGuest } from './testing/garbage-guest.ts'
 export { PfnMap } from './pfn-map.ts'
+/** Testing helper: the observable outcome of a run, for comparing two runs that must be identical. */
+export { runFingerprint } from './testing/fingerprint.ts'

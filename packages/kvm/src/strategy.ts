@@ -26,6 +26,36 @@ export type RetPf = 0 | 1 | 2 | 3 | 4 | 5 | 6
 /** {@link MmuInstance.pageFaultInline}: the fault has to yield; finish it with pageFaultContinue. */
 export const PF_PENDING = -1
 
+/**
+ * Where a fault run as a state machine ({@link MmuInstance.pageFaultInline}) stopped: the step
+ * to go on at, and the cost to yield or the blocking operation to run first. A strategy's
+ * per-vCPU fault state extends it; its `pageFaultContinue` yields `pendingNs` (or runs
+ * `pendingOp`, keeping the result in `opResult`) and re-enters the machine at `phase`.
+ */
+export class FaultContinuation {
+  /** The step the machine goes on at (the strategy's own numbering). */
+  phase = 0
+  /** The cost to yield before going on (when pendingOp is null). */
+  pendingNs = 0
+  /** The blocking operation to run before going on; its result lands in opResult. */
+  pendingOp: KernelOp<unknown> | null = null
+  opResult: unknown = undefined
+
+  /** Stop at a cost that cannot be charged in place (`tryAdvance` said no); go on at `next`. Returns PF_PENDING. */
+  pendCost(ns: number, next: number): number {
+    this.pendingNs = ns
+    this.phase = next
+    return PF_PENDING
+  }
+
+  /** Stop at a blocking operation; go on at `next` with its result in opResult. Returns PF_PENDING. */
+  pendOp(op: KernelOp<unknown>, next: number): number {
+    this.pendingOp = op
+    this.phase = next
+    return PF_PENDING
+  }
+}
+
 /** KVM's extra page-fault error-code bits for TDP faults (PFERR_GUEST_FINAL_MASK / PFERR_GUEST_PAGE_MASK, bits 32/33 → numbers). */
 export const PFERR_GUEST_FINAL = 2 ** 32
 export const PFERR_GUEST_PAGE = 2 ** 33

@@ -38,6 +38,7 @@ import {
   KVM_REQ_MMU_SYNC,
   KvmError,
   type KernelOp,
+  FaultContinuation,
   PfnMap,
   PF_PENDING,
   type KvmVcpu,
@@ -189,7 +190,7 @@ interface SetSpteFault {
  * The shadow page fault in progress (`struct kvm_page_fault` and FNAME(fetch)'s position): plain
  * fields, so the fault's generator keeps no locals across its yields.
  */
-export class ShadowFault {
+export class ShadowFault extends FaultContinuation {
   addr = 0
   gfn = 0
   write = false
@@ -208,16 +209,9 @@ export class ShadowFault {
   child: MmuPage | null = null
   /** mmu_set_spte()'s fault argument, reused. */
   readonly setSpte: SetSpteFault = { write: false, prefetch: false, hostWritable: true }
-  // ---- where a pending fault goes on (see ShadowMmu.spfRun)
-  /** The SPH_* step spfRun resumes at. */
-  phase = 0
+  // ---- spfRun's state besides the continuation (phase: an SPH_* step)
   /** The exit's fault, for the whole of pageFault. */
   fault: PageFault | null = null
-  /** The cost to yield before going on (when pendingOp is null). */
-  pendingNs = 0
-  /** The blocking operation to run before going on; its result lands in opResult. */
-  pendingOp: KernelOp<unknown> | null = null
-  opResult: unknown = undefined
   /** write_lock(mmu_lock)'s fast-path cost (-1: it blocked). */
   acquireNs = 0
   /** mmu_lock is held for write by this fault (released if the fault throws). */
@@ -1778,24 +1772,10 @@ export class ShadowMmu implements MmuInstance {
     }
   }
 
-  /** Stop the fault at a cost that cannot be charged in place; it goes on at `next`. */
-  private spfPendCost(p: ShadowFault, ns: number, next: number): number {
-    p.pendingNs = ns
-    p.phase = next
-    return PF_PENDING
-  }
-
-  /** Stop the fault at a blocking operation; it goes on at `next` with the result in opResult. */
-  private spfPendOp(p: ShadowFault, op: KernelOp<unknown>, next: number): number {
-    p.pendingOp = op
-    p.phase = next
-    return PF_PENDING
-  }
-
   /**
    * kvm_mmu_page_fault() → FNAME(page_fault) / direct_page_fault() from `v.pf.phase` on, until
    * it completes (RET_PF_*) or has to yield (PF_PENDING). Each `tryAdvance(x) … else
-   * spfPendCost(x)` is a `yield x` of the kernel path; the yields, their costs and order are
+   * pendCost(x)` is a `yield x` of the kernel path; the yields, their costs and order are
    * those of the kernel functions.
    */
   private spfRun(v: VcpuMmu): number {
@@ -1813,14 +1793,14 @@ export class ShadowMmu implements MmuInstance {
             continue
           }
           // hva_to_pfn(): GUP may sleep, so invalidations can run between the seq snapshot and mmu_lock.
-          if (!sched.tryAdvance(this.costs.gup)) return this.spfPendCost(p, this.costs.gup, SPH_LOCK)
+          if (!sched.tryAdvance(this.costs.gup)) return p.pendCost(this.costs.gup, SPH_LOCK)
           ph = SPH_LOCK
           continue
         case SPH_LOCK: {
           if (!v.direct) this.shadowFaultAdjustAccess(v)
           const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
           p.acquireNs = acquireNs
-          if (acquireNs < 0) return this.spfPendOp(p, lock.writeLock(), SPH_LOCKED)
+          if (acquireNs < 0) return p.pendOp(lock.writeLock(), SPH_LOCKED)
           p.lockHeld = true
           ph = SPH_LOCKED
           continue
@@ -1832,14 +1812,14 @@ export class ShadowMmu implements MmuInstance {
           r = this.shadowFaultLocked(v)
           if (r !== SPF_GO) {
             p.ret = r
-            if (acquireNs >= 0 && !sched.tryAdvance(acquireNs)) return this.spfPendCost(p, acquireNs, SPH_UNLOCK)
+            if (acquireNs >= 0 && !sched.tryAdvance(acquireNs)) return p.pendCost(acquireNs, SPH_UNLOCK)
             ph = SPH_UNLOCK
             continue
           }
           // The acquisition (fast path) and the fault's software work, done holding mmu_lock for
           // write (it serializes vCPUs): one yield, as this thread changes nothing visible between.
           const ns = (acquireNs >= 0 ? acquireNs : 0) + this.costs.mmuFaultWork
-          if (!sched.tryAdvance(ns)) return this.spfPendCost(p, ns, SPH_MAP)
+          if (!sched.tryAdvance(ns)) return p.pendCost(ns, SPH_MAP)
           ph = SPH_MAP
           continue
         }
@@ -1847,14 +1827,14 @@ export class ShadowMmu implements MmuInstance {
           r = v.direct ? this.directMap(v) : this.fetchStart(v)
           if (r === FETCH_SYNC) {
             // Sync before link: the guest may use a just-made-present gPTE without flushing.
-            return this.spfPendOp(p, this.mmuSyncChildren(v, p.child!, false), SPH_AFTER_SYNC)
+            return p.pendOp(this.mmuSyncChildren(v, p.child!, false), SPH_AFTER_SYNC)
           }
           p.ret = r
           ph = SPH_UNLOCK
           continue
         case SPH_AFTER_SYNC:
           r = (p.opResult as number) !== 0 ? RET_PF_RETRY : this.fetchResume(v)
-          if (r === FETCH_SYNC) return this.spfPendOp(p, this.mmuSyncChildren(v, p.child!, false), SPH_AFTER_SYNC)
+          if (r === FETCH_SYNC) return p.pendOp(this.mmuSyncChildren(v, p.child!, false), SPH_AFTER_SYNC)
           p.ret = r
           ph = SPH_UNLOCK
           continue
@@ -1868,10 +1848,10 @@ export class ShadowMmu implements MmuInstance {
           const fault = p.fault!
           if (r === RET_PF_WRITE_PROTECTED) {
             this.counters.writeProtectedFaults++
-            return this.spfPendOp(p, this.kvmMmuWriteProtectFault(v, fault), SPH_FINAL)
+            return p.pendOp(this.kvmMmuWriteProtectFault(v, fault), SPH_FINAL)
           }
           if (r === RET_PF_EMULATE && this.config.writeProtectedFault === 'emulate' && v.direct && isWriteToGuestPageTable(fault.errorCode)) {
-            return this.spfPendOp(p, this.unprotectAndRetry(v.vcpu, fault), SPH_FINAL)
+            return p.pendOp(this.unprotectAndRetry(v.vcpu, fault), SPH_FINAL)
           }
           p.fault = null
           this.check()

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import { forkStorm, memstress, mprotectStorm } from '@mmusim/guest'
-import { statsToRecord, Vm } from '@mmusim/kvm'
+import { runFingerprint as fingerprint, Vm } from '@mmusim/kvm'
 import { tdpStrategy } from './strategy.ts'
 import { type Program, runOnVm } from './testing/harness.spec.ts'
 import { pageBatch, rawGuest, WRITE } from './testing/raw-guest.ts'
@@ -8,21 +8,6 @@ import { pageBatch, rawGuest, WRITE } from './testing/raw-guest.ts'
 // The scheduler's fast path (Scheduler.tryAdvance) and the TDP MMU's inline page fault
 // (pageFaultInline / pageFaultContinue) must change nothing but the simulator's speed: every
 // clock, step, interleaving (trace hash) and counter equals the run with every cost a real yield.
-
-/** Everything a run produces that a user can observe, except the fast path's own counter. */
-function fingerprint(vm: Vm) {
-  return {
-    sched: { ...vm.sched.stats },
-    now: vm.sched.now,
-    hash: vm.sched.traceHash,
-    clocks: vm.sched.allThreads.map((t) => [t.name, t.clock, t.steps]),
-    vcpus: vm.vcpus.map((v) => statsToRecord(v.stats)),
-    vm: statsToRecord(vm.stats),
-    mmu: vm.mmu.stats(),
-    mmuPages: [vm.mmuPagesLive, vm.mmuPagesAllocated],
-    lock: { ...vm.mmuLock.stats.read, w: { ...vm.mmuLock.stats.write } },
-  }
-}
 
 const programs: [string, Program][] = [
   ['memstress', (cpu) => memstress(cpu, { iterations: 2, bytesPerVcpu: 48 * 4096 })],

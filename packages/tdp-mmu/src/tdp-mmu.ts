@@ -25,6 +25,7 @@ import {
   KVM_MEMSLOT_INVALID,
   KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
   type KernelOp,
+  FaultContinuation,
   PfnMap,
   PF_PENDING,
   KvmError,
@@ -101,7 +102,7 @@ export function drain<R>(op: KernelOp<R>, sched: Scheduler, what: string): R {
 }
 
 /** The per-fault state (`struct kvm_page_fault`, the fields the TDP MMU reads). */
-export class TdpFault {
+export class TdpFault extends FaultContinuation {
   gfn = 0
   write = false
   exec = false
@@ -130,16 +131,9 @@ export class TdpFault {
   targetSlot: Memslot | null = null
   /** Link/split: the new child table. */
   sp: KvmMmuPage | null = null
-  // ---- where a pending fault goes on (see kvmMmuPageFault's pfRun)
-  /** The PH_* step pfRun resumes at. */
-  phase = 0
+  // ---- pfRun's state besides the continuation (phase: a PH_* step)
   /** The exit's fault, until pfBegin has decoded it. */
   pf: PageFault | null = null
-  /** The cost to yield before going on (when pendingOp is null). */
-  pendingNs = 0
-  /** The blocking operation to run before going on; its result lands in opResult. */
-  pendingOp: KernelOp<unknown> | null = null
-  opResult: unknown = undefined
   /** MAP_TARGET or MAP_LINK: what the pending cmpxchg is for. */
   mapAct = 0
 }
@@ -1247,23 +1241,9 @@ export class TdpMmu {
     }
   }
 
-  /** Stop the fault at a cost that cannot be charged in place; it goes on at `next`. */
-  private pfPendCost(f: TdpFault, ns: number, next: number): number {
-    f.pendingNs = ns
-    f.phase = next
-    return PF_PENDING
-  }
-
-  /** Stop the fault at a blocking operation; it goes on at `next` with the result in fault.opResult. */
-  private pfPendOp(f: TdpFault, op: KernelOp<unknown>, next: number): number {
-    f.pendingOp = op
-    f.phase = next
-    return PF_PENDING
-  }
-
   /**
    * The fault from `fault.phase` on, until it completes (RET_PF_*) or has to yield (PF_PENDING,
-   * with fault.pendingNs or fault.pendingOp set). Each `tryAdvance(x) … else pfPendCost(x)` is a
+   * with fault.pendingNs or fault.pendingOp set). Each `tryAdvance(x) … else pendCost(x)` is a
    * `yield x` of the kernel path.
    */
   private pfRun(vcpu: KvmVcpu, st: TdpVcpuState): number {
@@ -1277,7 +1257,7 @@ export class TdpMmu {
         case PH_BEGIN: {
           const r0 = this.pfBegin(vcpu, st, f.pf!)
           f.pf = null
-          if (r0 === PF_FAST) return this.pfPendOp(f, this.fastPageFault(vcpu, st, f), PH_AFTER_FAST)
+          if (r0 === PF_FAST) return f.pendOp(this.fastPageFault(vcpu, st, f), PH_AFTER_FAST)
           if (r0 !== PF_GO) return r0
           ph = PH_FAULTIN
           continue
@@ -1291,24 +1271,24 @@ export class TdpMmu {
           if (r1 !== PF_GO) return r1
           // hva_to_pfn(): a host page-table walk (two DRAM references); GUP may sleep, so
           // invalidations can run between the sequence snapshot and mmu_lock (S21).
-          if (!sched.tryAdvance(this.gupNs)) return this.pfPendCost(f, this.gupNs, PH_LOCK)
+          if (!sched.tryAdvance(this.gupNs)) return f.pendCost(this.gupNs, PH_LOCK)
           ph = PH_LOCK
           continue
         }
         case PH_LOCK: {
           const acquireNs = this.pfLock(f)
           if (acquireNs === PF_LOCK_RETRY) return RET_PF_RETRY
-          if (acquireNs < 0) return this.pfPendOp(f, this.vm.mmuLock.readLock(), PH_LOCKED)
+          if (acquireNs < 0) return f.pendOp(this.vm.mmuLock.readLock(), PH_LOCKED)
           // Then the fault's software work, done holding mmu_lock for read: faults on other vCPUs
           // overlap it. One yield for both when the lock was free: this thread changes nothing
           // between them (the lock is held throughout), so no other thread could observe a difference.
           const ns = acquireNs + this.mmuFaultWorkNs
-          if (!sched.tryAdvance(ns)) return this.pfPendCost(f, ns, PH_MAP)
+          if (!sched.tryAdvance(ns)) return f.pendCost(ns, PH_MAP)
           a = this.pfMapBegin(vcpu, st)
           break phases
         }
         case PH_LOCKED:
-          if (!sched.tryAdvance(this.mmuFaultWorkNs)) return this.pfPendCost(f, this.mmuFaultWorkNs, PH_MAP)
+          if (!sched.tryAdvance(this.mmuFaultWorkNs)) return f.pendCost(this.mmuFaultWorkNs, PH_MAP)
           a = this.pfMapBegin(vcpu, st)
           break phases
         case PH_MAP:
@@ -1347,14 +1327,14 @@ export class TdpMmu {
         // tdp_mmu_set_spte_atomic(), inlined
         this.checkAtomicWrite(iter)
         f.mapAct = a
-        if (!sched.tryAdvance(this.spteCmpxchgNs)) return this.pfPendCost(f, this.spteCmpxchgNs, PH_COMMIT)
+        if (!sched.tryAdvance(this.spteCmpxchgNs)) return f.pendCost(this.spteCmpxchgNs, PH_COMMIT)
         a = this.pfCommit(vcpu, st)
         if (a === PF_PENDING) return PF_PENDING
       } else if (a === MAP_SPLIT) {
-        return this.pfPendOp(f, this.tdpMmuSplitHugePage(iter, f.sp!, true), PH_AFTER_SPLIT)
+        return f.pendOp(this.tdpMmuSplitHugePage(iter, f.sp!, true), PH_AFTER_SPLIT)
       } else {
         // MAP_NX_TRACK
-        return this.pfPendOp(f, this.pagesLock.lock(), PH_NX_LOCKED)
+        return f.pendOp(this.pagesLock.lock(), PH_NX_LOCKED)
       }
     }
   }
@@ -1363,7 +1343,7 @@ export class TdpMmu {
   private pfCommit(vcpu: KvmVcpu, st: TdpVcpuState): number {
     const f = st.fault
     const removed = this.commitAtomicWrite(st.iter, f.nLo, f.nHi, true)
-    if (removed !== CMPXCHG_FAILED && removed !== null) return this.pfPendOp(f, this.handleRemovedPt(removed, true, true), PH_AFTER_REMOVED)
+    if (removed !== CMPXCHG_FAILED && removed !== null) return f.pendOp(this.handleRemovedPt(removed, true, true), PH_AFTER_REMOVED)
     const ok = removed !== CMPXCHG_FAILED
     return f.mapAct === MAP_TARGET ? this.pfTargetWritten(vcpu, f, ok) : this.pfLinked(vcpu, st, ok, true)
   }

@@ -33,12 +33,8 @@ export interface NestedTranslator {
   readonly ptAccessIsWrite: boolean
 }
 
-/**
- * {@link walk} with paging off (CR0.PG = 0): linear = physical, or guest-physical under nested
- * paging (32-bit addresses), translated through the second dimension alone. A small function of
- * its own, as the vCPU calls it directly on every access of a guest running without paging.
- */
-export function walkPagingOff(la: number, kind: AccessKind, nested: NestedTranslator | null, res: WalkResult): WalkStatus {
+/** What every walk resets in `res` before it starts: its counters, its inputs, full host rights. */
+function startWalk(res: WalkResult, la: number, kind: AccessKind): void {
   res.memRefs = 0
   res.adWrites = 0
   res.restarts = 0
@@ -47,6 +43,15 @@ export function walkPagingOff(la: number, kind: AccessKind, nested: NestedTransl
   res.hostW = 1
   res.hostX = 1
   res.nestedLevel = 3
+}
+
+/**
+ * {@link walk} with paging off (CR0.PG = 0): linear = physical, or guest-physical under nested
+ * paging (32-bit addresses), translated through the second dimension alone. A small function of
+ * its own, as the vCPU calls it directly on every access of a guest running without paging.
+ */
+export function walkPagingOff(la: number, kind: AccessKind, nested: NestedTranslator | null, res: WalkResult): WalkStatus {
+  startWalk(res, la, kind)
   const gpa = la >>> 0
   res.level = 0
   res.rw = 1
@@ -93,14 +98,7 @@ export function walk(
   startXd = 0,
 ): WalkStatus {
   if (ctx.mode === PAGING_NONE) return walkPagingOff(la, kind, nested, res)
-  res.memRefs = 0
-  res.adWrites = 0
-  res.restarts = 0
-  res.la = la
-  res.kind = kind
-  res.hostW = 1
-  res.hostX = 1
-  res.nestedLevel = 3
+  startWalk(res, la, kind)
   const user = state.cpl === 3 && !implicit
   if (ctx.mode < PAGING_4L) {
     throw new HwConfigError('32-bit and PAE paging are not modelled yet; run the guest with 4-level or 5-level paging')
