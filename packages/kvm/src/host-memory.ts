@@ -11,6 +11,7 @@
  * not modelled; writability is a VMA property (mprotect changes the VMA, with the notifier).
  */
 import { MmusimError, PhysMem } from '@mmusim/x86-hw'
+import { alignDown } from './align.ts'
 import { KvmError } from './errors.ts'
 import type { MmuNotifierOps } from './mmu-notifier.ts'
 import type { KernelOp } from './sched/index.ts'
@@ -285,10 +286,6 @@ interface InvalidateCall {
  * subscribers' `*Op` methods (the `*Op` API, which may yield inside the phases).
  */
 type HostSteps<R> = Generator<InvalidateCall, R, void>
-
-function alignedDown(x: number, a: number): number {
-  return x - (x % a)
-}
 
 /**
  * The host's 4K mappings: per 2 MiB region a 512-entry table of pfn + 1 (0: unmapped) with the
@@ -569,7 +566,7 @@ export class HostMemory {
       return f + Math.floor((hva % SIZE_1G) / PAGE)
     }
     if (vma.thp) {
-      const base = alignedDown(hva, SIZE_2M)
+      const base = alignDown(hva, SIZE_2M)
       const region = base / SIZE_2M
       if (base >= vma.start && base + SIZE_2M <= vma.end && this.pt4k.countIn(region) === 0) {
         const f = this.frames.allocOrder(ORDER_2M)

@@ -280,12 +280,15 @@ export function assertMmuInstance(mmu: unknown, name: string): asserts mmu is Mm
     throw new KvmError('EINVAL', `strategy '${name}': create() must return an MmuInstance (an object with pageFault, load, ... methods); got ${mmu === null ? 'null' : typeof mmu}`)
   }
   const m = mmu as Record<string, unknown>
-  const inline = m.pageFaultInline !== undefined
-  const cont = m.pageFaultContinue !== undefined
-  if (inline !== cont || (inline && (typeof m.pageFaultInline !== 'function' || typeof m.pageFaultContinue !== 'function'))) {
+  const pair = ['pageFaultInline', 'pageFaultContinue'] as const
+  const given = pair.filter((k) => m[k] !== undefined)
+  if (given.length === 0) return
+  const wrong = pair.filter((k) => typeof m[k] !== 'function')
+  if (wrong.length > 0) {
+    const what = wrong.map((k) => `${k} ${m[k] === undefined ? 'is missing' : `is a ${typeof m[k]}`}`).join(', ')
     throw new KvmError(
       'EINVAL',
-      `strategy '${name}': the MmuInstance has ${inline ? 'pageFaultInline' : 'pageFaultContinue'} but ${inline !== cont ? 'not' : 'a non-function'} ${inline ? 'pageFaultContinue' : 'pageFaultInline'}; implement both as functions (a pending fault needs pageFaultContinue to finish), or neither (the core then runs pageFault).`,
+      `strategy '${name}': the MmuInstance has ${given.join(' and ')}, but ${what}; implement both as functions (a pending fault needs pageFaultContinue to finish), or neither (the core then runs pageFault).`,
     )
   }
 }

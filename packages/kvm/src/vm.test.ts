@@ -193,10 +193,14 @@ describe('bad input', () => {
     const withExtra = (extra: Record<string, unknown>): MmuStrategy =>
       defineMmuStrategy({ ...directMapStrategy, name: 'half-inline', create: (vm: Vm, o: never): MmuInstance => ({ ...directMapStrategy.create(vm, o), ...extra }) })
     expect(() => new Vm({ strategy: withExtra({ pageFaultInline: () => RET_PF_RETRY }) })).toThrow(
-      expect.objectContaining({ code: 'EINVAL', message: expect.stringMatching(/strategy 'half-inline': the MmuInstance has pageFaultInline but not pageFaultContinue; implement both/) }),
+      expect.objectContaining({
+        code: 'EINVAL',
+        message: "strategy 'half-inline': the MmuInstance has pageFaultInline, but pageFaultContinue is missing; implement both as functions (a pending fault needs pageFaultContinue to finish), or neither (the core then runs pageFault).",
+      }),
     )
-    expect(() => new Vm({ strategy: withExtra({ pageFaultContinue: () => directMapStrategy }) })).toThrow(/has pageFaultContinue but not pageFaultInline/)
-    expect(() => new Vm({ strategy: withExtra({ pageFaultInline: () => RET_PF_RETRY, pageFaultContinue: 3 }) })).toThrow(/but a non-function pageFaultContinue/)
+    expect(() => new Vm({ strategy: withExtra({ pageFaultContinue: () => directMapStrategy }) })).toThrow(/has pageFaultContinue, but pageFaultInline is missing/)
+    expect(() => new Vm({ strategy: withExtra({ pageFaultInline: () => RET_PF_RETRY, pageFaultContinue: 3 }) })).toThrow(/has pageFaultInline and pageFaultContinue, but pageFaultContinue is a number/)
+    expect(() => new Vm({ strategy: withExtra({ pageFaultInline: 'x', pageFaultContinue: () => directMapStrategy }) })).toThrow(/but pageFaultInline is a string/)
     expect(() => new Vm({ strategy: defineMmuStrategy({ ...directMapStrategy, create: () => null as unknown as MmuInstance }) })).toThrow(/create\(\) must return an MmuInstance/)
   })
 

@@ -38,6 +38,7 @@ import {
   KVM_REQ_MMU_SYNC,
   KvmError,
   type KernelOp,
+  alignDown,
   FaultContinuation,
   PfnMap,
   PF_PENDING,
@@ -220,14 +221,6 @@ export class ShadowFault extends FaultContinuation {
   ret = 0
 }
 
-/**
- * `x - x % n` for an integer x ≥ 0 and a power of two n, without `%`: V8 compiles `%` on values
- * it does not know to be int32 (gfns, pfns and addresses held as doubles) to a C call (fmod).
- */
-function alignDown(x: number, n: number): number {
-  return Math.floor(x / n) * n
-}
-
 // Where spfRun (pageFault's state machine) goes on after a yield.
 /** kvm_mmu_page_fault()'s start, then GUP's cost. */
 const SPH_BEGIN = 0
@@ -369,7 +362,7 @@ export class ShadowMmu implements MmuInstance {
 
   /** `sptep_to_sp`. */
   spOfSptep(sptep: number): MmuPage {
-    return this.spOfHpa(Math.floor(sptep / 4096) * 4096)
+    return this.spOfHpa(alignDown(sptep, 4096))
   }
 
   /** The vCPU's MMU context. */
@@ -1006,7 +999,7 @@ export class ShadowMmu implements MmuInstance {
 
   private dropSpteAt(sptep: number): void {
     const sp = this.spOfSptep(sptep)
-    this.dropSpte(sp, (sptep - Math.floor(sptep / 4096) * 4096) / 8)
+    this.dropSpte(sp, (sptep - alignDown(sptep, 4096)) / 8)
   }
 
   /** mmu_page_zap_pte(): zap one entry of `sp`; a non-leaf only loses its link (child orphaned). */
@@ -1801,7 +1794,6 @@ export class ShadowMmu implements MmuInstance {
           const acquireNs = lock.writeLockFast() // write_lock() without a generator when uncontended
           p.acquireNs = acquireNs
           if (acquireNs < 0) return p.pendOp(lock.writeLock(), SPH_LOCKED)
-          p.lockHeld = true
           ph = SPH_LOCKED
           continue
         }
@@ -1862,7 +1854,7 @@ export class ShadowMmu implements MmuInstance {
           this.check()
           return p.opResult as RetPf
         default:
-          throw new Error(`pageFault: no phase ${String(ph)}`)
+          throw new KvmError('EIO', `shadow-mmu: pageFault reached no phase ${String(ph)} (a bug in the fault state machine)`)
       }
     }
   }
@@ -2362,7 +2354,7 @@ export class ShadowMmu implements MmuInstance {
       if (sp.level === 1 || isLargePte(lo)) {
         if (isWritablePte(lo)) return RET_PF_SPURIOUS
         if (!isMmuWritableSpte(this.fmt, lo, hi)) return 0
-        const gfn = this.spGetGfn(sp, (sptep - Math.floor(sptep / 4096) * 4096) / 8)
+        const gfn = this.spGetGfn(sp, (sptep - alignDown(sptep, 4096)) / 8)
         const slot = this.vm.memslots.gfnToMemslot(this.asIdOf(sp), gfn)
         if (slot !== null && kvmSlotDirtyTrackEnabled(slot)) {
           if (sp.level > 1) return 0

@@ -1313,7 +1313,7 @@ export class TdpMmu {
           break phases
         }
         default:
-          throw new Error(`kvmMmuPageFault: no phase ${String(ph)}`)
+          return this.bug(`kvmMmuPageFault reached no phase ${String(ph)}`)
       }
     }
     // The map walk: act on each of its steps until it is over.

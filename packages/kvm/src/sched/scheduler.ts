@@ -511,12 +511,18 @@ export class Scheduler {
     t.clock = c
     this.runSteps++
     this.fastStepCount++
-    this.stats.steps++
+    this.countStep(t)
+    return true
+  }
+
+  /** A step of `t` begins: the counters, the trace and its hash, `now`. Returns the step's number. */
+  private countStep(t: Thread): number {
+    const stepNo = ++this.stats.steps
     t.steps++
     if (this.recordTrace) this.trace.push(t.id)
     this.hash = Math.imul(this.hash ^ t.id, 0x01000193) >>> 0
-    if (c > this.nowNs) this.nowNs = c
-    return true
+    if (t.clock > this.nowNs) this.nowNs = t.clock
+    return stepNo
   }
 
   private hasRunnable(): boolean {
@@ -589,11 +595,7 @@ export class Scheduler {
   }
 
   private step(t: Thread): void {
-    const stepNo = ++this.stats.steps
-    t.steps++
-    if (this.recordTrace) this.trace.push(t.id)
-    this.hash = Math.imul(this.hash ^ t.id, 0x01000193) >>> 0
-    if (t.clock > this.nowNs) this.nowNs = t.clock
+    const stepNo = this.countStep(t)
     t.state = 'running'
     this.cur = t
     let r: IteratorResult<Yield, unknown>
