@@ -90,10 +90,8 @@ export function levelSize(level: number): number {
   return 2 ** (12 + 9 * (level - 1))
 }
 
-/** Round `x` down to a multiple of `align` (works for negative x). */
-export function alignDown(x: number, align: number): number {
-  return Math.floor(x / align) * align
-}
+/** Round `x` down to a multiple of `align` (works for negative x); the x86-hw helper, re-exported. */
+export { alignDown } from '@mmusim/x86-hw'
 
 /** Physical address held in an entry (bits 51:12), from its halves. */
 export function entryPa(lo: number, hi: number): number {

@@ -10,8 +10,7 @@
  * fault (no shared zero page, so no CoW break later); THP collapse (khugepaged), swap and NUMA are
  * not modelled; writability is a VMA property (mprotect changes the VMA, with the notifier).
  */
-import { MmusimError, PhysMem } from '@mmusim/x86-hw'
-import { alignDown } from './align.ts'
+import { alignDown, MmusimError, PhysMem } from '@mmusim/x86-hw'
 import { KvmError } from './errors.ts'
 import type { MmuNotifierOps } from './mmu-notifier.ts'
 import type { KernelOp } from './sched/index.ts'

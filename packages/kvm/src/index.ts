@@ -18,4 +18,3 @@ export { GARBAGE, garbageGuest, type GarbageResult, ROM_GUEST_EXPECTED, runGarba
 export { PfnMap } from './pfn-map.ts'
 /** Testing helper: the observable outcome of a run, for comparing two runs that must be identical. */
 export { runFingerprint } from './testing/fingerprint.ts'
-export { alignDown } from './align.ts'

@@ -7,6 +7,7 @@
  * by its host-physical address (`sptep`); SPTEs are read and written as two 32-bit halves.
  */
 import {
+  alignDown,
   ACC_WRITE,
   CR0_WP,
   CR4_SMAP,
@@ -38,7 +39,6 @@ import {
   KVM_REQ_MMU_SYNC,
   KvmError,
   type KernelOp,
-  alignDown,
   FaultContinuation,
   PfnMap,
   PF_PENDING,

@@ -95,6 +95,16 @@ export const EXIT_MSR_WRITE = 32
 const TWO32 = 4294967296
 
 /** Physical address field (bits M-1:12) of an entry, as a number. `hiMask` keeps bits 51:32 below MAXPHYADDR. */
+/**
+ * `x` rounded down to a multiple of `align` (floor, so also for negative x). For integers and a
+ * power-of-two `align` it equals `x - x % align` for x ≥ 0, without `%`: V8 compiles `%` on
+ * numbers it does not know to be int32 (gfns, pfns, HVAs and addresses, held as doubles) to a C
+ * call (fmod), and this sits on fault paths. Dividing by a power of two is exact below 2^53.
+ */
+export function alignDown(x: number, align: number): number {
+  return Math.floor(x / align) * align
+}
+
 export function entryAddr(lo: number, hi: number, hiMask: number): number {
   return ((lo & LO_ADDR_MASK) >>> 0) + (hi & hiMask) * TWO32
 }
