@@ -13,6 +13,7 @@ import {
   spteWritableInvariantViolation,
 } from '@mmusim/kvm'
 import type { MmuPage } from './mmu-page.ts'
+import { rmapSptes } from './rmap.ts'
 import type { ShadowMmu, SlotMmu } from './shadow-mmu.ts'
 
 function popcount(x: number): number {
@@ -131,7 +132,7 @@ export function auditShadowMmu(mmu: ShadowMmu, limit = 50): string[] {
       for (let k = 0; k < arr.length; k++) {
         const head = arr[k]
         if (head === undefined) continue
-        for (const sptep of head) {
+        for (const sptep of rmapSptes(head)) {
           const leaf = leaves.get(sptep)
           if (leaf === undefined) {
             bad(`(4) rmap of slot ${slot.id} level ${level} index ${k} holds 0x${sptep.toString(16)}, not a present leaf`)
@@ -176,8 +177,7 @@ export function auditShadowMmu(mmu: ShadowMmu, limit = 50): string[] {
     if (d === undefined) continue
     for (let level = 1; level <= 3; level++) {
       const head = d.rmap[level - 1]![gfnToIndex(sp.gfn, slot.baseGfn, level)]
-      if (head === undefined) continue
-      for (const sptep of head) {
+      for (const sptep of rmapSptes(head)) {
         const lo = mem.read64(sptep)
         const hi = mem.hi64
         if (sp.level > 1 && (isWritablePte(lo) || isMmuWritableSpte(fmt, lo, hi))) bad(`(9) SPTE 0x${sptep.toString(16)} maps write-tracked ${sp.toString()} writable`)

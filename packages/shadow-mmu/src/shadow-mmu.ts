@@ -75,6 +75,7 @@ import {
   X86_SPTE_FORMAT,
 } from '@mmusim/kvm'
 import { auditShadowMmu } from './audit.ts'
+import { type RmapEntry, rmapArrayAt } from './rmap.ts'
 import { GuestWalker } from './guest-walker.ts'
 import {
   ACC_ALL,
@@ -133,8 +134,8 @@ export interface MmuHazards {
 
 /** Per-memslot data (`slot->arch.rmap[]`, `slot->arch.gfn_write_track`). */
 export interface SlotMmu {
-  /** rmap[level-1][gfnToIndex]: SPTE addresses of present leaves mapping that gfn/huge frame. */
-  readonly rmap: [(number[] | undefined)[], (number[] | undefined)[], (number[] | undefined)[]]
+  /** rmap[level-1][gfnToIndex]: the rmap head of that gfn/huge frame ({@link RmapEntry}). */
+  readonly rmap: [RmapEntry[], RmapEntry[], RmapEntry[]]
   /** `gfn_write_track`. */
   readonly writeTrack: Uint16Array
 }
@@ -388,7 +389,7 @@ export class ShadowMmu implements MmuInstance {
       const n2 = slot.arch.lpageInfo[0].length
       const n3 = slot.arch.lpageInfo[1].length
       d = {
-        rmap: [new Array<number[] | undefined>(slot.npages), new Array<number[] | undefined>(n2), new Array<number[] | undefined>(n3)],
+        rmap: [new Array<RmapEntry>(slot.npages), new Array<RmapEntry>(n2), new Array<RmapEntry>(n3)],
         writeTrack: new Uint16Array(slot.npages),
       }
       slot.arch.mmu.set(this.slotKey, d)
@@ -930,13 +931,9 @@ export class ShadowMmu implements MmuInstance {
 
   // ================================================================== rmaps and SPTE updates
 
-  private rmapHead(slot: Memslot, level: number, gfn: number, create: boolean): number[] | undefined {
-    const d = this.slotMmu(slot)
-    const arr = d.rmap[level - 1]!
-    const i = gfnToIndex(gfn, slot.baseGfn, level)
-    let h = arr[i]
-    if (h === undefined && create) arr[i] = h = []
-    return h
+  /** The rmap head of (slot, level, gfn) as an array, or undefined if it never had an SPTE. */
+  private rmapHead(slot: Memslot, level: number, gfn: number): number[] | undefined {
+    return rmapArrayAt(this.slotMmu(slot).rmap[level - 1]!, gfnToIndex(gfn, slot.baseGfn, level))
   }
 
   private updatePageStats(level: number, delta: number): void {
@@ -956,11 +953,16 @@ export class ShadowMmu implements MmuInstance {
     const sptep = sp.hpa + idx * 8
     const arr = this.slotMmu(slot).rmap[sp.level - 1]!
     const i = gfnToIndex(gfn, slot.baseGfn, sp.level)
-    let head = arr[i]
-    // A new head as a one-element literal: most gfns have one mapping, and `[]` + push would
-    // allocate room for 17.
-    if (head === undefined) arr[i] = head = [sptep]
-    else head.push(sptep)
+    const h = arr[i]
+    // The first SPTE goes in place (no allocation); a second makes the head an array.
+    if (h === undefined || (typeof h !== 'number' && h.length === 0)) {
+      arr[i] = sptep / 8
+      if (this.vm.stats.max_mmu_rmap_size < 1) this.vm.stats.max_mmu_rmap_size = 1
+      return
+    }
+    let head: number[]
+    if (typeof h === 'number') arr[i] = head = [h * 8, sptep]
+    else (head = h).push(sptep)
     const n = head.length
     if (n > this.vm.stats.max_mmu_rmap_size) this.vm.stats.max_mmu_rmap_size = n
     if (n > RMAP_RECYCLE_THRESHOLD) {
@@ -975,7 +977,16 @@ export class ShadowMmu implements MmuInstance {
     const gfn = this.spGetGfn(sp, idx)
     const slot = this.slotForGfn(this.asIdOf(sp), gfn)
     const sptep = sp.hpa + idx * 8
-    const head = slot === null ? undefined : this.rmapHead(slot, sp.level, gfn, false)
+    if (slot !== null) {
+      // A single SPTE in place: empty the head.
+      const arr = this.slotMmu(slot).rmap[sp.level - 1]!
+      const k = gfnToIndex(gfn, slot.baseGfn, sp.level)
+      if (arr[k] === sptep / 8) {
+        arr[k] = undefined
+        return
+      }
+    }
+    const head = slot === null ? undefined : this.rmapHead(slot, sp.level, gfn)
     const i = head === undefined ? -1 : head.indexOf(sptep)
     if (i < 0) {
       this.warn(`rmap_remove: SPTE ${sp.toString()}[${idx}] for gfn 0x${gfn.toString(16)} is in no rmap`)
@@ -1043,7 +1054,7 @@ export class ShadowMmu implements MmuInstance {
   /** kvm_mmu_slot_gfn_write_protect(slot, gfn, min_level) with pt_protect (levels min..3). */
   private slotGfnWriteProtect(slot: Memslot, gfn: number, minLevel: number, ptProtect: boolean): boolean {
     let flush = false
-    for (let level = minLevel; level <= 3; level++) flush = this.rmapWriteProtect(this.rmapHead(slot, level, gfn, false), ptProtect) || flush
+    for (let level = minLevel; level <= 3; level++) flush = this.rmapWriteProtect(this.rmapHead(slot, level, gfn), ptProtect) || flush
     return flush
   }
 
@@ -2462,7 +2473,10 @@ export class ShadowMmu implements MmuInstance {
         yield* this.vm.mmuLock.writeLock()
         const d = this.slotMmu(neu)
         let flush = false
-        for (let l = 0; l < 3; l++) for (const head of d.rmap[l]!) flush = this.rmapWriteProtect(head, false) || flush
+        for (let l = 0; l < 3; l++) {
+          const arr = d.rmap[l]!
+          for (let i = 0; i < arr.length; i++) if (arr[i] !== undefined) flush = this.rmapWriteProtect(rmapArrayAt(arr, i), false) || flush
+        }
         this.vm.mmuLock.writeUnlock()
         if (flush) this.vm.flushRemoteTlbs()
       }
@@ -2557,7 +2571,7 @@ export class ShadowMmu implements MmuInstance {
     for (let level = startLevel; level <= endLevel; level++) {
       const arr = d.rmap[level - 1]!
       for (let i = 0; i < arr.length; i++) {
-        const head = arr[i]
+        const head = arr[i] === undefined ? undefined : rmapArrayAt(arr, i)
         if (head !== undefined && head.length > 0 && fn(head, slot)) flush = true
         if (vm.sched.needResched() || vm.mmuLock.needBreak()) {
           if (flush && flushOnYield) {
@@ -2598,7 +2612,7 @@ export class ShadowMmu implements MmuInstance {
       const a = gfnToIndex(Math.max(start, slot.baseGfn), slot.baseGfn, level)
       const b = gfnToIndex(Math.min(end, slot.baseGfn + slot.npages) - 1, slot.baseGfn, level)
       for (let i = a; i <= b; i++) {
-        const h = arr[i]
+        const h = arr[i] === undefined ? undefined : rmapArrayAt(arr, i)
         if (h !== undefined && h.length > 0) fn(h)
       }
     }
@@ -2677,7 +2691,7 @@ export class ShadowMmu implements MmuInstance {
       if (bit === 0) continue
       if (first < 0) first = base + b
       last = base + b
-      this.rmapWriteProtect(this.rmapHead(slot, 1, base + b, false), false)
+      this.rmapWriteProtect(this.rmapHead(slot, 1, base + b), false)
     }
     if (first >= 0 && this.vm.memslots.manualProtectAndInitSet) {
       this.slotGfnWriteProtect(slot, first, 2, false)
