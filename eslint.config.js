@@ -37,5 +37,21 @@ export default defineConfig(
       '@typescript-eslint/no-floating-promises': 'off',
     },
   },
+  {
+    // Objects the simulation reads on its hot paths must keep one V8 hidden class: an object
+    // spread followed by more properties gets a new class per call once V8 optimizes the site,
+    // and every compiled reader then deoptimizes (see sameHiddenClass in @mmusim/x86-hw).
+    files: ['packages/{x86-hw,kvm,guest,shadow-mmu,tdp-mmu}/src/**/*.ts'],
+    ignores: ['**/*.test.ts', '**/testing/**'],
+    rules: {
+      'no-restricted-syntax': [
+        'error',
+        {
+          selector: 'ObjectExpression > SpreadElement ~ Property',
+          message: 'An object spread followed by properties gets a new V8 hidden class per call once optimized; list the fields in one object literal (or a make… function) instead.',
+        },
+      ],
+    },
+  },
   { files: ['**/*.js', '**/*.mjs'], extends: [tseslint.configs.disableTypeChecked] },
 )

@@ -19,7 +19,7 @@ import {
   SWAP_PTE_MARK,
   USER_MMAP_BASE,
 } from './layout.ts'
-import { kassert, type Mm, modifyOldHi, nextBlockAfterMiss, ptepGetAndClear, ptepModify, pteOffset, type Vma } from './mm.ts'
+import { kassert, makeVma, type Mm, modifyOldHi, nextBlockAfterMiss, ptepGetAndClear, ptepModify, pteOffset } from './mm.ts'
 import { flushTlbMmRange, switchMm } from './tlb-flush.ts'
 
 /*
@@ -95,7 +95,7 @@ export function* mmap(cpu: Cpu, mm: Mm, opts: MmapOptions): Routine<number> {
   const end = start + len
   checkRange(cpu, start, end)
   if (opts.addr !== undefined && mm.vmas.some((v) => v.start < end && v.end > start)) yield* munmap(cpu, mm, start, len)
-  const vma: Vma = { start, end, prot: opts.prot ?? 3, thp }
+  const vma = makeVma(start, end, opts.prot ?? 3, thp)
   mm.insertVma(vma)
   if (opts.populate === true) yield* populate(cpu, mm, start, end)
   return start
@@ -223,7 +223,7 @@ export function* mprotect(cpu: Cpu, mm: Mm, start: number, length: number, prot:
   for (const v of mm.vmas) covered += Math.max(0, Math.min(end, v.end) - Math.max(start, v.start))
   if (covered !== end - start) return false
   const pieces = mm.carve(start, end)
-  for (const p of pieces) mm.insertVma({ ...p, prot })
+  for (const p of pieces) mm.insertVma(makeVma(p.start, p.end, prot, p.thp))
   let changed = false
   const xd = (prot & PROT_EXEC) === 0 && os.features.nx ? HI_XD : 0
   for (let h = alignDown(start, PAGE_2M); h < end; h += PAGE_2M) {
@@ -283,7 +283,7 @@ export function* fork(cpu: Cpu, parent: Task): Routine<Task> {
   const child = yield* os.createProcess(cpu)
   const pm = parent.mm
   const cm = child.mm
-  for (const v of pm.vmas) cm.vmas.push({ ...v })
+  for (const v of pm.vmas) cm.vmas.push(makeVma(v.start, v.end, v.prot, v.thp))
   for (const v of pm.vmas) {
     for (let h = alignDown(v.start, PAGE_2M); h < v.end; h += PAGE_2M) {
       const pmdEa = yield* pteOffset(cpu, pm, h, 2, false)

@@ -14,6 +14,15 @@ export interface Vma {
 }
 
 /**
+ * A {@link Vma}, field by field: every VMA then has one hidden class. (V8 gives objects built as
+ * `{ ...v, end }` a new hidden class once the site is optimized, and every fault path that reads
+ * VMAs deoptimizes.)
+ */
+export function makeVma(start: number, end: number, prot: number, thp: boolean): Vma {
+  return { start, end, prot, thp }
+}
+
+/**
  * An address space (Linux `struct mm_struct`): the physical address of its top-level table
  * (`pgd`), its VMAs, its context id and TLB generation (`mm->context.ctx_id`, `tlb_gen`) and the
  * set of vCPUs currently running it (`mm_cpumask`). The page tables themselves live only in
@@ -72,9 +81,9 @@ export class Mm {
         kept.push(v)
         continue
       }
-      if (v.start < start) kept.push({ ...v, end: start })
-      if (v.end > end) kept.push({ ...v, start: end })
-      removed.push({ ...v, start: Math.max(v.start, start), end: Math.min(v.end, end) })
+      if (v.start < start) kept.push(makeVma(v.start, start, v.prot, v.thp))
+      if (v.end > end) kept.push(makeVma(end, v.end, v.prot, v.thp))
+      removed.push(makeVma(Math.max(v.start, start), Math.min(v.end, end), v.prot, v.thp))
     }
     this.vmas.length = 0
     for (const v of kept) this.insertVma(v)

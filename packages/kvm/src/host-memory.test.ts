@@ -254,3 +254,20 @@ describe('HostMemory: MMU-notifier event sequences', () => {
     expect(log).toEqual([])
   })
 })
+
+describe('VMAs keep one hidden class', () => {
+  it('pieces left by mprotect splits are shaped like the VMA mmap made (the fault path reads them)', async () => {
+    const { sameHiddenClass } = await import('@mmusim/x86-hw')
+    const host = new HostMemory()
+    host.mmap(HVA, 256 * 4096)
+    const first = host.findVma(HVA)!
+    // Each mprotect of one page in the middle splits twice; 60 splits warm the splitting code
+    // up to optimized code, where an object spread `{ ...v, end }` would get new hidden classes.
+    for (let i = 0; i < 30; i++) host.mprotect(HVA + (2 * i + 1) * 4096, 4096, i % 2 === 0)
+    for (let i = 0; i < 61; i++) {
+      const v = host.findVma(HVA + i * 4096)!
+      expect(v.start).toBe(HVA + i * 4096)
+      expect(sameHiddenClass(v, first)).toBe(true)
+    }
+  })
+})

@@ -208,6 +208,15 @@ export interface Vma {
   readonly: boolean
 }
 
+/**
+ * `v`'s flags over [start, end). Field by field (not `{ ...v, end }`): V8 gives objects made by a
+ * spread plus further properties a new hidden class once the site is optimized, and the fault
+ * path that reads VMAs then deoptimizes.
+ */
+function vmaPart(v: Vma, start: number, end: number): Vma {
+  return { start, end, thp: v.thp, hugetlb1G: v.hugetlb1G, readonly: v.readonly }
+}
+
 /** A successful {@link HostMemory.resolve}. */
 export interface HostPfn {
   ok: true
@@ -697,7 +706,7 @@ export class HostMemory {
     const i = this.vmas.findIndex((v) => v.start < addr && addr < v.end)
     if (i < 0) return
     const v = this.vmas[i]!
-    this.vmas.splice(i, 1, { ...v, end: addr }, { ...v, start: addr })
+    this.vmas.splice(i, 1, vmaPart(v, v.start, addr), vmaPart(v, addr, v.end))
     this.lastVma = null
   }
 

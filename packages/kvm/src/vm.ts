@@ -279,16 +279,17 @@ export class Vm {
         this.mmuLock.assertHeld('write')
         return this.mmu.unmapGfnRange(asId, slot, s, e)
       },
-      ...(mmu.unmapGfnRangeOp === undefined
-        ? {}
-        : {
-            unmapGfnRangeOp: function* (this: Vm, asId: number, slot: Memslot, s: number, e: number, opts: { mayBlock: boolean }): KernelOp<boolean> {
+      // The optional handlers are always present (undefined when the strategy has none): one
+      // hidden class for every VM's listener, which the notifier reads on every event.
+      unmapGfnRangeOp:
+        mmu.unmapGfnRangeOp === undefined
+          ? undefined
+          : function* (this: Vm, asId: number, slot: Memslot, s: number, e: number, opts: { mayBlock: boolean }): KernelOp<boolean> {
               this.mmuLock.assertHeld('write')
               const flush = yield* mmu.unmapGfnRangeOp!(asId, slot, s, e, opts.mayBlock)
               this.mmuLock.assertHeld('write')
               return flush
             }.bind(this),
-          }),
       mmuWriteLock: () => this.mmuLock.writeLock(),
       mmuWriteUnlock: () => {
         this.mmuLock.writeUnlock()
@@ -303,22 +304,20 @@ export class Vm {
         if (!lockless) this.mmuLock.assertHeld('write')
         return this.mmu.testAgeGfn(asId, slot, s, e)
       },
-      ...(mmu.ageGfnRangeOp === undefined
-        ? {}
-        : {
-            ageGfnRangeOp: function* (this: Vm, asId: number, slot: Memslot, s: number, e: number): KernelOp<boolean> {
+      ageGfnRangeOp:
+        mmu.ageGfnRangeOp === undefined
+          ? undefined
+          : function* (this: Vm, asId: number, slot: Memslot, s: number, e: number): KernelOp<boolean> {
               if (!lockless) this.mmuLock.assertHeld('write')
               return yield* mmu.ageGfnRangeOp!(asId, slot, s, e)
             }.bind(this),
-          }),
-      ...(mmu.testAgeGfnOp === undefined
-        ? {}
-        : {
-            testAgeGfnOp: function* (this: Vm, asId: number, slot: Memslot, s: number, e: number): KernelOp<boolean> {
+      testAgeGfnOp:
+        mmu.testAgeGfnOp === undefined
+          ? undefined
+          : function* (this: Vm, asId: number, slot: Memslot, s: number, e: number): KernelOp<boolean> {
               if (!lockless) this.mmuLock.assertHeld('write')
               return yield* mmu.testAgeGfnOp!(asId, slot, s, e)
             }.bind(this),
-          }),
       flushRemoteTlbs: () => {
         this.flushRemoteTlbs()
       },

@@ -27,6 +27,7 @@ tuneV8ForSimulation()
 const MEM = 96 << 20
 const iterations = Number(process.env.MMUSIM_BENCH_ITERATIONS ?? 8)
 const warmupIterations = Number(process.env.MMUSIM_BENCH_WARMUP ?? 6)
+const only = process.env.MMUSIM_BENCH_ONLY
 
 type Program = ((cpu: Cpu) => Routine) | 'populate'
 
@@ -80,6 +81,7 @@ for (const [wname, program] of workloads) {
   for (const [sname, strategy] of strategies) {
     for (const n of [1, 2, 4]) {
       const name = `${wname} | ${sname} | ${String(n)} vCPU`
+      if (only !== undefined && !name.includes(only)) continue
       let cur: { vm: Vm; check: () => void } | null = null
       bench.add(
         name,

@@ -95,7 +95,7 @@ export class GuestWalker {
    * FNAME(walk_addr_generic)'s `!kvm_is_visible_memslot(slot)` → `goto error`).
    */
   constructor(vcpu: KvmVcpu, unbackedTables: 'open-bus' | 'kvm' = 'open-bus') {
-    this.ctx = new PagingContext({ ...vcpu.hw.features, nonLeafAOnDescent: false })
+    this.ctx = new PagingContext(vcpu.hw.features, { nonLeafAOnDescent: false })
     this.translator.kvmUnbacked = unbackedTables === 'kvm'
   }
 

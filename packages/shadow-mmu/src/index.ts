@@ -6,7 +6,7 @@
  *   the write lock.
  */
 import { defineMmuStrategy, type Vm } from '@mmusim/kvm'
-import { type LegacyTdpOptions, legacyTdpOptionsSchema, type ShadowOptions, shadowOptionsSchema } from './options.ts'
+import { type LegacyTdpOptions, legacyTdpOptionsSchema, makeMmuConfig, type ShadowOptions, shadowOptionsSchema } from './options.ts'
 import { ShadowMmu } from './shadow-mmu.ts'
 
 export const shadowStrategy = defineMmuStrategy<ShadowOptions>({
@@ -16,7 +16,7 @@ export const shadowStrategy = defineMmuStrategy<ShadowOptions>({
   capabilities: { hwMode: 'shadow', parallelFaults: false, dirtyLog: true, hugePages: true },
   optionsSchema: shadowOptionsSchema,
   create(vm: Vm, o: ShadowOptions): ShadowMmu {
-    return new ShadowMmu(vm, { ...o, name: 'shadow', tdp: false, eptLevels: 4, eptAdBits: true, fastPageFault: false })
+    return new ShadowMmu(vm, makeMmuConfig('shadow', false, o))
   },
 })
 
@@ -27,7 +27,7 @@ export const legacyTdpStrategy = defineMmuStrategy<LegacyTdpOptions>({
   capabilities: { hwMode: 'tdp', tdpFormat: 'ept', parallelFaults: false, dirtyLog: true, hugePages: true },
   optionsSchema: legacyTdpOptionsSchema,
   create(vm: Vm, o: LegacyTdpOptions): ShadowMmu {
-    return new ShadowMmu(vm, { ...o, name: 'legacy-tdp', tdp: true })
+    return new ShadowMmu(vm, makeMmuConfig('legacy-tdp', true, o))
   },
 })
 

@@ -42,13 +42,13 @@ const common = {
 }
 
 /** Options of the `shadow` strategy. */
-export const shadowOptionsSchema = z.object({ ...common }).strict()
+export const shadowOptionsSchema = z.object(common).strict()
 export type ShadowOptions = z.infer<typeof shadowOptionsSchema>
 
 /** Options of the `legacy-tdp` strategy. */
 export const legacyTdpOptionsSchema = z
-  .object({
-    ...common,
+  .object(common)
+  .extend({
     /** EPT levels (kvm_mmu_get_tdp_level: 4, or 5 with LA57-capable EPT). */
     eptLevels: z.union([z.literal(4), z.literal(5)]).default(4),
     /** EPT A/D bits (`enable_ept_ad_bits`); without them SPTEs use access tracking. */
@@ -74,4 +74,28 @@ export interface MmuConfig {
   eptLevels: 4 | 5
   eptAdBits: boolean
   fastPageFault: boolean
+}
+
+/**
+ * The {@link MmuConfig} of a strategy instance, built field by field: one object literal, so
+ * every VM's config has one hidden class. (An object spread of the parsed options gets a new
+ * hidden class per VM once V8 stops caching the clone, and then every `config.x` the fault path
+ * reads deoptimizes the compiled fault path, VM after VM.)
+ */
+export function makeMmuConfig(name: string, tdp: boolean, o: ShadowOptions & Partial<LegacyTdpOptions>): MmuConfig {
+  return {
+    name,
+    tdp,
+    unsync: o.unsync,
+    prefetch: o.prefetch,
+    pageQuota: o.pageQuota,
+    unsyncWalk: o.unsyncWalk,
+    auditEveryOp: o.auditEveryOp,
+    writeProtectedFault: o.writeProtectedFault,
+    unbackedGuestTables: o.unbackedGuestTables,
+    slotZapAll: o.slotZapAll,
+    eptLevels: o.eptLevels ?? 4,
+    eptAdBits: o.eptAdBits ?? true,
+    fastPageFault: o.fastPageFault ?? false,
+  }
 }

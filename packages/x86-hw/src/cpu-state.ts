@@ -160,9 +160,20 @@ export class PagingContext {
    * Recomputed by {@link update}; AC and CPL are inputs of the index, so STAC/CLAC need no update.
    */
   readonly perm = new Uint8Array(12)
+  /**
+   * Whether the walk sets A on each non-leaf entry as it descends (hardware: `features
+   * .nonLeafAOnDescent`); off for a KVM-style software walker, which sets A/D after the walk.
+   */
+  readonly aOnDescent: boolean
 
-  constructor(features: CpuFeatures) {
+  /**
+   * `options.nonLeafAOnDescent` overrides the feature for this context only (a software walker
+   * over the same CPU): the features object itself is shared, not copied, so every context of a
+   * CPU has one hidden class for the walk to read.
+   */
+  constructor(features: CpuFeatures, options?: { nonLeafAOnDescent?: boolean }) {
     this.features = features
+    this.aOnDescent = options?.nonLeafAOnDescent ?? features.nonLeafAOnDescent
   }
 
   /** Recompute from the state (call after any CR0/CR3/CR4/EFER change). */

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it, vi } from 'vitest'
-import { SIMULATOR_V8_FLAGS, tuneV8ForSimulation } from './v8-tuning.ts'
+import { sameHiddenClass, SIMULATOR_V8_FLAGS, tuneV8ForSimulation } from './v8-tuning.ts'
 
 describe('tuneV8ForSimulation', () => {
   afterEach(() => {
@@ -22,5 +22,23 @@ describe('tuneV8ForSimulation', () => {
 
   it('applies to the real process (Node 20.16+ has process.getBuiltinModule)', () => {
     expect(tuneV8ForSimulation()).toBe(true)
+  })
+})
+
+describe('sameHiddenClass', () => {
+  it('tells objects of one shape from objects of another', () => {
+    const make = (a: number, b: number) => ({ a, b })
+    expect(sameHiddenClass(make(1, 2), make(3, 4))).toBe(true)
+    expect(sameHiddenClass(make(1, 2), { b: 2, a: 1 })).toBe(false)
+    expect(sameHiddenClass(make(1, 2), { a: 1 })).toBe(false)
+  })
+
+  it("catches the V8 behaviour it exists for: a spread plus properties gets new classes once optimized", () => {
+    const base = { x: 1, y: 2 }
+    const extend = (o: typeof base) => ({ ...o, z: 3 })
+    const first = extend(base)
+    let differing = 0
+    for (let i = 0; i < 200; i++) if (sameHiddenClass(extend(base), first) === false) differing++
+    expect(differing).toBeGreaterThan(0)
   })
 })

@@ -22,3 +22,26 @@ export function tuneV8ForSimulation(): boolean {
   for (const f of SIMULATOR_V8_FLAGS) v8.setFlagsFromString(f)
   return true
 }
+
+let hiddenClassProbe: ((a: object, b: object) => boolean) | null | undefined
+
+/**
+ * Whether `a` and `b` have the same V8 hidden class (map), through V8's `%HaveSameMap` — for
+ * tests and diagnostics of the hot paths, which stay fast only while the objects they read keep
+ * one hidden class (a new one deoptimizes every compiled function that reads them). Enables
+ * `--allow-natives-syntax` in this process on first use. Returns null where that is not
+ * possible (no `node:v8`: a browser).
+ */
+export function sameHiddenClass(a: object, b: object): boolean | null {
+  if (hiddenClassProbe === undefined) {
+    const proc = (globalThis as { process?: { getBuiltinModule?: (id: string) => unknown } }).process
+    const v8 = proc?.getBuiltinModule?.('node:v8') as { setFlagsFromString(flags: string): void } | undefined
+    if (v8 === undefined) hiddenClassProbe = null
+    else {
+      v8.setFlagsFromString('--allow-natives-syntax')
+      // eslint-disable-next-line @typescript-eslint/no-implied-eval -- V8 natives syntax only parses in code compiled after the flag is set
+      hiddenClassProbe = new Function('a', 'b', 'return %HaveSameMap(a, b)') as (a: object, b: object) => boolean
+    }
+  }
+  return hiddenClassProbe === null ? null : hiddenClassProbe(a, b)
+}

@@ -110,7 +110,7 @@ export function walk(
   const hiAddr = ctx.hiAddrMask
   const nxe = ctx.nxe
   const ptKind: AccessKind = nested?.ptAccessIsWrite === true ? ACC_WRITE : 0
-  const aOnDescent = ctx.features.nonLeafAOnDescent
+  const aOnDescent = ctx.aOnDescent
   const largeLevels = ctx.largeLevels
   const rsvdLo = ctx.rsvdLo
   const rsvdHi = ctx.rsvdHi

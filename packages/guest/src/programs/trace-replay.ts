@@ -124,7 +124,9 @@ export interface LoadLackeyOptions extends LackeyReadOptions {
  */
 export async function loadLackeyBatches(source: LackeySource, opts: LoadLackeyOptions = {}): Promise<LackeyBatch[]> {
   const out: LackeyBatch[] = []
-  for await (const b of readLackeyTrace(source, { ...opts, maxRecords: opts.maxRecords ?? 1_000_000 })) out.push(b)
+  const bounded: LoadLackeyOptions = { ...opts }
+  bounded.maxRecords ??= 1_000_000
+  for await (const b of readLackeyTrace(source, bounded)) out.push(b)
   return out
 }
 
