@@ -9,11 +9,20 @@
  * - `guest-OS memstress 4 MiB/vCPU` and `fork storm`: the guest OS demand-pages (zeroes each new
  *   page, writes its PTEs, breaks CoW), so much of the run is guest work, not MMU work.
  *
+ * Each task runs in its own Node process (as JMH forks a JVM per benchmark): V8 compiles the MMU
+ * for the type feedback it has seen, and tasks that share a process share that code, so a task's
+ * figure would depend on which tasks ran before it. `MMUSIM_BENCH_ISOLATE=0` runs every task in
+ * this process instead (the figures of a `compare` over several strategies in one process).
+ *
  * Wall-clock figures are the median (p50) of MMUSIM_BENCH_ITERATIONS (default 8) timed runs after
- * MMUSIM_BENCH_WARMUP (default 6) untimed ones, with the best beside it: shared machines add long
- * outliers to a mean, and V8 needs several runs to optimize the fault path fully.
+ * MMUSIM_BENCH_WARMUP (default 6) untimed ones, per process, over MMUSIM_BENCH_FORKS (default 1)
+ * processes per task, with the best beside it: shared machines add long outliers to a mean, and
+ * V8 needs several runs to optimize the fault path fully. `MMUSIM_BENCH_ONLY=text` runs the tasks
+ * whose name contains it.
  */
 import './debug-off.ts'
+import { fork } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
 import { Bench } from 'tinybench'
 import { type Cpu, forkStorm, GuestOs, memstress, type Routine } from '@mmusim/guest'
 import { type MmuStrategy, Vm } from '@mmusim/kvm'
@@ -28,6 +37,9 @@ const MEM = 96 << 20
 const iterations = Number(process.env.MMUSIM_BENCH_ITERATIONS ?? 8)
 const warmupIterations = Number(process.env.MMUSIM_BENCH_WARMUP ?? 6)
 const only = process.env.MMUSIM_BENCH_ONLY
+const forks = Number(process.env.MMUSIM_BENCH_FORKS ?? 1)
+/** In a child process: the one task to run. */
+const childTask = process.env.MMUSIM_BENCH_TASK
 
 type Program = ((cpu: Cpu) => Routine) | 'populate'
 
@@ -75,13 +87,14 @@ const strategies: [string, MmuStrategy][] = [
   ['legacy-tdp', legacyTdpStrategy],
 ]
 
-const bench = new Bench({ iterations, time: 0, warmupIterations, warmupTime: 0 })
+const bench = new Bench({ iterations, time: 0, warmupIterations, warmupTime: 0, retainSamples: true })
 const outcomes = new Map<string, Outcome>()
 for (const [wname, program] of workloads) {
   for (const [sname, strategy] of strategies) {
     for (const n of [1, 2, 4]) {
       const name = `${wname} | ${sname} | ${String(n)} vCPU`
       if (only !== undefined && !name.includes(only)) continue
+      if (childTask !== undefined && name !== childTask) continue
       let cur: { vm: Vm; check: () => void } | null = null
       bench.add(
         name,
@@ -103,23 +116,76 @@ for (const [wname, program] of workloads) {
     }
   }
 }
-await bench.run()
+/** One task's figures: timed runs (ms) and the deterministic outcome of its last run. */
+interface TaskResult {
+  name: string
+  samplesMs: number[]
+  outcome: Outcome
+}
 
-const rows = bench.tasks.map((t) => {
-  const o = outcomes.get(t.name)!
-  const r = t.result
-  const ms = r.state === 'completed' ? r.latency.p50 : NaN
-  const best = r.state === 'completed' ? r.latency.min : NaN
-  return {
-    task: t.name,
-    faults: o.faults,
-    'wall ms (p50)': ms.toFixed(1),
-    'faults/s (p50)': Math.round(o.faults / (ms / 1000)).toLocaleString('en-US'),
-    'faults/s (best)': Math.round(o.faults / (best / 1000)).toLocaleString('en-US'),
-    'sim µs': (o.simNs / 1000).toFixed(0),
-    'sim ns/fault': (o.simNs / o.faults).toFixed(0),
-    'mmu_lock wait µs': (o.lockWaitNs / 1000).toFixed(0),
-    'MMU pages': o.shadowPages,
+async function runHere(): Promise<TaskResult[]> {
+  await bench.run()
+  return bench.tasks.map((t) => {
+    const r = t.result
+    if (r.state !== 'completed') throw new Error(`benchmark task ${t.name} did not complete (${r.state})`)
+    return { name: t.name, samplesMs: [...(r.latency.samples ?? [])], outcome: outcomes.get(t.name)! }
+  })
+}
+
+/** Run `name` in a child process (this script, MMUSIM_BENCH_TASK=name) and collect its result. */
+function runForked(name: string): Promise<TaskResult> {
+  return new Promise((resolve, reject) => {
+    const child = fork(fileURLToPath(import.meta.url), [], { execArgv: process.execArgv, env: { ...process.env, MMUSIM_BENCH_TASK: name } })
+    let result: TaskResult | null = null
+    child.on('message', (m) => {
+      result = m as TaskResult
+    })
+    child.on('error', reject)
+    child.on('exit', (code) => {
+      if (code === 0 && result !== null) resolve(result)
+      else reject(new Error(`benchmark task ${name}: child process exited with ${String(code)}`))
+    })
+  })
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b)
+  const m = s.length >> 1
+  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
+}
+
+if (process.env.MMUSIM_BENCH_TASK !== undefined) {
+  // A child: run the one task registered above and hand its figures to the parent.
+  const [r] = await runHere()
+  process.send!(r)
+} else {
+  let results: TaskResult[]
+  if (process.env.MMUSIM_BENCH_ISOLATE === '0') results = await runHere()
+  else {
+    results = []
+    for (const t of bench.tasks) {
+      const forked: TaskResult[] = []
+      for (let f = 0; f < forks; f++) forked.push(await runForked(t.name))
+      results.push({ name: t.name, samplesMs: forked.flatMap((r) => r.samplesMs), outcome: forked[0]!.outcome })
+      // Every process must simulate the same run: the simulation is deterministic.
+      for (const r of forked) if (JSON.stringify(r.outcome) !== JSON.stringify(forked[0]!.outcome)) throw new Error(`${t.name}: processes disagree on the simulated outcome`)
+    }
   }
-})
-console.table(rows)
+  const rows = results.map(({ name, samplesMs, outcome: o }) => {
+    const ms = median(samplesMs)
+    const best = Math.min(...samplesMs)
+    return {
+      task: name,
+      faults: o.faults,
+      'wall ms (p50)': ms.toFixed(1),
+      'faults/s (p50)': Math.round(o.faults / (ms / 1000)).toLocaleString('en-US'),
+      'faults/s (best)': Math.round(o.faults / (best / 1000)).toLocaleString('en-US'),
+      'sim µs': (o.simNs / 1000).toFixed(0),
+      'sim ns/fault': (o.simNs / o.faults).toFixed(0),
+      'mmu_lock wait µs': (o.lockWaitNs / 1000).toFixed(0),
+      'MMU pages': o.shadowPages,
+    }
+  })
+  console.log(`${process.env.MMUSIM_BENCH_ISOLATE === '0' ? 'all tasks in one process' : `one process per task × ${String(forks)}`}; ${String(warmupIterations)} warm-up + ${String(iterations)} timed runs per process`)
+  console.table(rows)
+}
