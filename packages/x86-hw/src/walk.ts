@@ -121,14 +121,14 @@ export function walk(
   const pathLo = res.pathLo
   const pathHi = res.pathHi
   const top = startLevel > 0 ? startLevel : ctx.levels
-  // la * scale puts the index bits of a level at bit 0: 2^-12 at level 1, × 2^-9 per level up
-  // (exact powers of two; a multiply loop, as `2 ** n` with a variable n is a slow pow() call).
-  let topScale = 1 / 4096
-  for (let l = 1; l < top; l++) topScale *= 1 / 512
+  // la as two 32-bit halves (exact for safe integers, negative canonical ones included), so a
+  // level's table index is integer shifts: bits [9L + 3, 9L + 11] of la.
+  const laLo = la >>> 0
+  const laHi = Math.floor(la / 4294967296) | 0 // 2^32
 
   restart: for (;;) {
     let level = top
-    let scale = topScale
+    let shift = 9 * top + 3
     let table = startLevel > 0 ? startTable : ctx.root
     let rw = startRw
     let us = startUs
@@ -140,8 +140,9 @@ export function walk(
     // The PTE bits and 2^32 appear as literals (named in comments) in this loop: V8 reloads a
     // module-level binding (an imported one through its cell) at every use.
     for (;;) {
-      // Index bits of this level: floor(la / 2^shift) & 511 is exact for signed canonical la.
-      const ea = table + (Math.floor(la * scale) & 511) * 8
+      // Index bits of this level (JS shift counts are taken mod 32: `32 - shift` is 20, 11 or 2).
+      const idx = shift < 32 ? ((laLo >>> shift) | (laHi << (32 - shift))) & 511 : (laHi >>> (shift - 32)) & 511
+      const ea = table + idx * 8
       let hea = ea
       if (nested !== null) {
         hea = nested.translate(ea, ptKind, false, res)
@@ -184,7 +185,7 @@ export function walk(
       }
       table = ((eLo & 0xfffff000) >>> 0) + (eHi & hiAddr) * 4294967296 // LO_ADDR_MASK, 2^32
       level--
-      scale *= 512
+      shift -= 9
     }
     const leafLevel = level
 
