@@ -25,10 +25,20 @@ import {
 import type { GuestMemory, KvmVcpu } from '@mmusim/kvm'
 import { ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK } from './mmu-page.ts'
 
+/** Entries of {@link GptTranslator}'s cache of guest-table frames. */
+const TABLE_CACHE = 8
+
 /**
  * The walker's second dimension: guest page-table GPAs go through the memslots to host memory
  * (`kvm_vcpu_gfn_to_hva` + `__get_user`); the final GPA is *not* touched (KVM's walker only
  * computes the gfn; the pfn is looked up later by the fault path).
+ *
+ * KVM reads a gPTE with `__get_user()` on its HVA, through the host's page tables and TLB; this
+ * model keeps a small cache of the host frames of recently read guest tables (gfn → host address)
+ * in that role. It holds only successful read translations and is dropped at the start of a walk
+ * unless the host mapping (mmu_invalidate_seq, no invalidation in progress), the memslots (their
+ * generation) and the address space are those it was filled under; writes (the A/D updates,
+ * which mark the page dirty) always translate afresh.
  */
 class GptTranslator implements NestedTranslator {
   readonly ptAccessIsWrite = false
@@ -39,15 +49,47 @@ class GptTranslator implements NestedTranslator {
    * A/D updates are never failures: KVM skips them for tables it cannot write.
    */
   kvmUnbacked = false
+  private readonly cacheGfn = new Float64Array(TABLE_CACHE).fill(-1)
+  private readonly cacheHpa = new Float64Array(TABLE_CACHE)
+  private cacheNext = 0
+  private cacheSeq = -1
+  private cacheGen = -1
+  private cacheGm: GuestMemory | null = null
+
+  /**
+   * Start a walk over `gm`: keep the cached frames only if `seq` (mmu_invalidate_seq, -1 while an
+   * invalidation is in progress) and `gen` (the memslot generation) are those they were read under.
+   */
+  begin(gm: GuestMemory, seq: number, gen: number): void {
+    if (seq < 0 || seq !== this.cacheSeq || gen !== this.cacheGen || gm !== this.cacheGm) {
+      this.cacheGfn.fill(-1)
+      this.cacheSeq = seq
+      this.cacheGen = gen
+      this.cacheGm = gm
+    }
+    this.gm = gm
+  }
 
   translate(gpa: number, kind: AccessKind, final: boolean, res: WalkResult): number {
     if (final) return gpa
     const gm = this.gm!
-    if (this.kvmUnbacked && kind !== ACC_WRITE) {
-      const hpa = gm.gpaToHpa(gpa, false)
-      return hpa >= 0 ? hpa : -1
+    if (kind === ACC_WRITE) return gm.translate(gpa, kind, false, res)
+    const gfn = Math.floor(gpa / 4096)
+    const off = gpa - gfn * 4096
+    const cached = this.cacheGfn
+    for (let i = 0; i < TABLE_CACHE; i++) if (cached[i] === gfn) return this.cacheHpa[i]! + off
+    const hpa = this.kvmUnbacked ? this.unbacked(gm.gpaToHpa(gpa, false)) : gm.translate(gpa, kind, false, res)
+    if (this.cacheSeq >= 0 && hpa >= 0 && hpa < gm.host.mem.sizeBytes) {
+      const i = this.cacheNext
+      cached[i] = gfn
+      this.cacheHpa[i] = hpa - off
+      this.cacheNext = (i + 1) & (TABLE_CACHE - 1)
     }
-    return gm.translate(gpa, kind, false, res)
+    return hpa
+  }
+
+  private unbacked(hpa: number): number {
+    return hpa >= 0 ? hpa : -1
   }
 }
 
@@ -119,10 +161,10 @@ export class GuestWalker {
     // The error code says whether the access was a user access (PFERR_U); an implicit supervisor
     // access at CPL 3 has it clear.
     const implicit = state.cpl === 3 && (errorCode & 4) === 0
-    this.translator.gm = vcpu.guestMem
     const ns = vcpu.vm.notifierState
     this.walkSeq = ns.inProgress === 0 ? ns.seq : -1
     this.walkGen = vcpu.vm.memslots.space(vcpu.asId).generation
+    this.translator.begin(vcpu.guestMem, this.walkSeq, this.walkGen)
     const res = this.res
     // Every argument given (from CR3, full rights): no default-parameter handling per walk.
     const st = walk(vcpu.guestMem.host.mem, ctx, state, addr, kind, implicit, this.translator, res, 0, 0, 1, 1, 0)
