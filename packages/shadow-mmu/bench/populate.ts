@@ -15,7 +15,8 @@
  * this process instead (the figures of a `compare` over several strategies in one process).
  *
  * Wall-clock figures are the median (p50) of MMUSIM_BENCH_ITERATIONS (default 8) timed runs after
- * MMUSIM_BENCH_WARMUP (default 6) untimed ones, per process, over MMUSIM_BENCH_FORKS (default 1)
+ * at least MMUSIM_BENCH_WARMUP (default 6) untimed ones lasting MMUSIM_BENCH_WARMUP_MS (default
+ * 1000 ms of `vm.run()` in all: short tasks need many runs before V8 has compiled them), per process, over MMUSIM_BENCH_FORKS (default 1)
  * processes per task, with the best beside it: shared machines add long outliers to a mean, and
  * V8 needs several runs to optimize the fault path fully. `MMUSIM_BENCH_ONLY=text` runs the tasks
  * whose name contains it.
@@ -36,6 +37,7 @@ tuneV8ForSimulation()
 const MEM = 96 << 20
 const iterations = Number(process.env.MMUSIM_BENCH_ITERATIONS ?? 8)
 const warmupIterations = Number(process.env.MMUSIM_BENCH_WARMUP ?? 6)
+const warmupTime = Number(process.env.MMUSIM_BENCH_WARMUP_MS ?? 1000)
 const only = process.env.MMUSIM_BENCH_ONLY
 const forks = Number(process.env.MMUSIM_BENCH_FORKS ?? 1)
 /** In a child process: the one task to run. */
@@ -87,7 +89,7 @@ const strategies: [string, MmuStrategy][] = [
   ['legacy-tdp', legacyTdpStrategy],
 ]
 
-const bench = new Bench({ iterations, time: 0, warmupIterations, warmupTime: 0, retainSamples: true })
+const bench = new Bench({ iterations, time: 0, warmupIterations, warmupTime, retainSamples: true })
 const outcomes = new Map<string, Outcome>()
 for (const [wname, program] of workloads) {
   for (const [sname, strategy] of strategies) {
@@ -186,6 +188,6 @@ if (process.env.MMUSIM_BENCH_TASK !== undefined) {
       'MMU pages': o.shadowPages,
     }
   })
-  console.log(`${process.env.MMUSIM_BENCH_ISOLATE === '0' ? 'all tasks in one process' : `one process per task × ${String(forks)}`}; ${String(warmupIterations)} warm-up + ${String(iterations)} timed runs per process`)
+  console.log(`${process.env.MMUSIM_BENCH_ISOLATE === '0' ? 'all tasks in one process' : `one process per task × ${String(forks)}`}; ≥ ${String(warmupIterations)} warm-up runs (≥ ${String(warmupTime)} ms) + ${String(iterations)} timed runs per process`)
   console.table(rows)
 }

@@ -380,6 +380,12 @@ export class ShadowMmu implements MmuInstance {
   }
 
   /** The slot's rmaps and write-track counts (allocated on first use). */
+  /** The slot's data if it has any (no entry made), through {@link slotMmu}'s one-entry cache. */
+  private peekSlotMmu(slot: Memslot): SlotMmu | undefined {
+    if (slot === this.lastSlot) return this.lastSlotMmu!
+    return slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+  }
+
   slotMmu(slot: Memslot): SlotMmu {
     // The last slot's data, cached: a fault asks for it several times. An entry, once made, stays
     // with its Memslot object for the slot's life (a changed memslot is a new object).
@@ -422,7 +428,7 @@ export class ShadowMmu implements MmuInstance {
   }
 
   private hashBucket(gfn: number): MmuPage[] {
-    const h = gfn % (1 << KVM_MMU_HASH_SHIFT)
+    const h = mmuPageHashIndex(gfn)
     let b = this.mmuPageHash[h]
     if (b === undefined) this.mmuPageHash[h] = b = []
     return b
@@ -858,7 +864,7 @@ export class ShadowMmu implements MmuInstance {
   gfnIsWriteTracked(asId: number, gfn: number): boolean {
     const slot = this.slotForGfn(asId, gfn)
     if (slot === null) return false
-    const d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    const d = this.peekSlotMmu(slot)
     return d !== undefined && d.writeTrack[gfn - slot.baseGfn]! > 0
   }
 
@@ -1100,10 +1106,10 @@ export class ShadowMmu implements MmuInstance {
 
   /** mmu_try_to_unsync_pages(): 0, or non-zero to keep the SPTE write-protected. */
   private mmuTryToUnsyncPages(slot: Memslot, gfn: number, synchronizing: boolean, prefetch: boolean): number {
-    const d = slot.arch.mmu.get(this.slotKey) as SlotMmu | undefined
+    const d = this.peekSlotMmu(slot)
     if (d !== undefined && d.writeTrack[gfn - slot.baseGfn]! > 0) return -1 // -EPERM
     if (this.indirectShadowPages === 0) return 0
-    const bucket = this.mmuPageHash[gfn % (1 << KVM_MMU_HASH_SHIFT)]
+    const bucket = this.mmuPageHash[mmuPageHashIndex(gfn)]
     if (bucket === undefined) return 0
     for (let i = 0; i < bucket.length; i++) {
       const sp = bucket[i]!
@@ -2498,7 +2504,7 @@ export class ShadowMmu implements MmuInstance {
       const invalid = new PageList('invalid_list')
       if (!this.activeMmuPages.isEmpty()) {
         for (let gfn = slot.baseGfn; gfn < slot.baseGfn + slot.npages; gfn++) {
-          const bucket = this.mmuPageHash[gfn % (1 << KVM_MMU_HASH_SHIFT)]
+          const bucket = this.mmuPageHash[mmuPageHashIndex(gfn)]
           if (bucket !== undefined) {
             // for_each_gfn_valid_sp_with_gptes(): zapped pages stay in the hash until commit.
             for (let k = 0; k < bucket.length; k++) {
@@ -2769,8 +2775,20 @@ export function kvmEventNeedsReinjection(_vcpu: KvmVcpu): boolean {
 }
 
 /** Index of `addr` in a table of `level` (signed canonical addresses are exact). */
+/**
+ * The gfn hash bucket (kvm_page_table_hashfn, here gfn mod 2^KVM_MMU_HASH_SHIFT): the low bits,
+ * with `&` (ToInt32 keeps a safe integer's low 32 bits exactly) rather than `%`, which is a
+ * floating-point remainder call when V8 holds gfn as a double.
+ */
+function mmuPageHashIndex(gfn: number): number {
+  return gfn & ((1 << KVM_MMU_HASH_SHIFT) - 1)
+}
+
 export function spteIndex(addr: number, level: number): number {
-  // × an exact power of two from a table: `2 ** n` with a variable n is a slow pow() call.
+  // Levels 1 and 2 index bits below 32: an unsigned shift of the low half (exact for any safe
+  // integer). Above, × an exact power of two from a table (`2 ** n` with a variable n is pow()).
+  if (level === 1) return (addr >>> 12) & 511
+  if (level === 2) return (addr >>> 21) & 511
   return Math.floor(addr * INDEX_SCALE[level]!) & 511
 }
 
