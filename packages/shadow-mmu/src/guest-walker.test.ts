@@ -10,17 +10,23 @@ import { POPULATE_BASE, setUpPopulate } from './testing/populate-guest.ts'
 
 const PT0 = 0x100000 // the populate layout's first page table (maps POPULATE_BASE)
 
-function walkedVm(): { vm: Vm; walk: (va: number) => number } {
+/**
+ * A VM after the populate pass (paging on, every table in host memory) and `walk(page)`: the
+ * walker's FNAME(walk_addr) of page `page` of the populate region — the page it maps to and the
+ * host lookups (`hva_to_pfn`) the walk made.
+ */
+function walkedVm(): { vm: Vm; walk: (page: number) => { page: number; lookups: number } } {
   const vm = new Vm({ strategy: shadowStrategy, vcpus: 1, hostMemBytes: 64 << 20 })
   setUpPopulate(vm, { vcpus: 1, bytesPerVcpu: 2 << 20 })
-  vm.run() // the guest enabled paging and touched every page: its tables are in host memory
+  vm.run()
   const vcpu = vm.vcpus[0]!
   const w = shadowMmuOf(vm).vmmu(vcpu).walker
   return {
     vm,
-    walk: (va) => {
-      expect(w.walkAddr(vcpu, va, ACC_READ, 0)).toBe(true)
-      return w.gfn
+    walk: (page) => {
+      const before = vm.host.stats.resolves
+      expect(w.walkAddr(vcpu, POPULATE_BASE + page * 4096, ACC_READ, 0)).toBe(true)
+      return { page: w.gfn - POPULATE_BASE / 4096, lookups: vm.host.stats.resolves - before }
     },
   }
 }
@@ -28,53 +34,43 @@ function walkedVm(): { vm: Vm; walk: (va: number) => number } {
 describe('GuestWalker: the cache of guest-table frames', () => {
   it('a walk through tables read before translates none of them again (4 levels, 0 host lookups)', () => {
     const { vm, walk } = walkedVm()
-    expect(walk(POPULATE_BASE + 5 * 4096)).toBe(POPULATE_BASE / 4096 + 5)
-    const before = vm.host.stats.resolves
-    expect(walk(POPULATE_BASE + 6 * 4096)).toBe(POPULATE_BASE / 4096 + 6)
-    expect(vm.host.stats.resolves - before).toBe(0)
+    expect(walk(5).page).toBe(5)
+    expect(walk(6)).toEqual({ page: 6, lookups: 0 })
     vm.destroy()
   })
 
   it('a host migration of a table page (notifier invalidation) drops the cache: the walk reads the new frame', () => {
     const { vm, walk } = walkedVm()
-    walk(POPULATE_BASE + 5 * 4096)
+    walk(5)
     const slot = vm.memslots.gfnToMemslot(0, PT0 / 4096)!
     const seq = vm.notifierState.seq
     vm.hostOpYielding('migrate PT', vm.sched.now, (host) => host.migratePageOp(gfnToHvaMemslot(slot, PT0 / 4096)))
     vm.run()
     expect(vm.host.stats.migrations).toBe(1)
     expect(vm.notifierState.seq).toBeGreaterThan(seq)
-    // Point page 5's gPTE elsewhere, through the new mapping: only a fresh translation sees it.
+    // Point page 5's gPTE at page 9, through the new mapping: only a fresh translation sees it.
+    // Every level is translated afresh, plus the write that sets A in the rewritten gPTE.
     vm.guestMem.write32(PT0 + 5 * 8, (POPULATE_BASE + 9 * 4096) | 3)
-    const before = vm.host.stats.resolves
-    expect(walk(POPULATE_BASE + 5 * 4096)).toBe(POPULATE_BASE / 4096 + 9)
-    // Every level translated afresh, plus the write that sets A in the rewritten gPTE.
-    expect(vm.host.stats.resolves - before).toBe(5)
+    expect(walk(5)).toEqual({ page: 9, lookups: 5 })
     vm.destroy()
   })
 
   it('a memslot change (new generation) drops the cache', () => {
     const { vm, walk } = walkedVm()
-    walk(POPULATE_BASE + 5 * 4096)
+    walk(5)
     vm.addMemory(2 ** 32, 2 << 20, { slot: 7 })
-    const before = vm.host.stats.resolves
-    expect(walk(POPULATE_BASE + 5 * 4096)).toBe(POPULATE_BASE / 4096 + 5)
-    expect(vm.host.stats.resolves - before).toBe(4)
+    expect(walk(5)).toEqual({ page: 5, lookups: 4 })
     vm.destroy()
   })
 
   it('nothing is cached while an invalidation is in progress', () => {
     const { vm, walk } = walkedVm()
-    const ns = vm.notifierState
-    ns.inProgress++
-    try {
-      walk(POPULATE_BASE + 5 * 4096)
-      const before = vm.host.stats.resolves
-      walk(POPULATE_BASE + 6 * 4096)
-      expect(vm.host.stats.resolves - before).toBe(4)
-    } finally {
-      ns.inProgress--
-    }
+    vm.notifierState.inProgress++
+    walk(5)
+    expect(walk(6)).toEqual({ page: 6, lookups: 4 })
+    vm.notifierState.inProgress--
+    expect(walk(7)).toEqual({ page: 7, lookups: 4 }) // refilled now that no invalidation runs
+    expect(walk(8)).toEqual({ page: 8, lookups: 0 })
     vm.destroy()
   })
 })
