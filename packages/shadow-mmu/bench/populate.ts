@@ -14,12 +14,14 @@
  * figure would depend on which tasks ran before it. `MMUSIM_BENCH_ISOLATE=0` runs every task in
  * this process instead (the figures of a `compare` over several strategies in one process).
  *
- * Wall-clock figures are the median (p50) of MMUSIM_BENCH_ITERATIONS (default 8) timed runs after
- * at least MMUSIM_BENCH_WARMUP (default 6) untimed ones lasting MMUSIM_BENCH_WARMUP_MS (default
- * 1000 ms of `vm.run()` in all: short tasks need many runs before V8 has compiled them), per process, over MMUSIM_BENCH_FORKS (default 1)
- * processes per task, with the best beside it: shared machines add long outliers to a mean, and
- * V8 needs several runs to optimize the fault path fully. `MMUSIM_BENCH_ONLY=text` runs the tasks
- * whose name contains it.
+ * Wall-clock figures are the median (p50) and the best over MMUSIM_BENCH_FORKS (default 3)
+ * processes per task, each making MMUSIM_BENCH_ITERATIONS (default 8) timed runs after at least
+ * MMUSIM_BENCH_WARMUP (default 6) untimed ones lasting MMUSIM_BENCH_WARMUP_MS (default 1000 ms of
+ * `vm.run()` in all: short tasks need many runs before V8 has compiled them). Several processes,
+ * spread over the run (round after round over all tasks), because shared machines have slow
+ * phases lasting seconds; the median rather
+ * than the mean because they add long outliers. `MMUSIM_BENCH_ONLY=text` runs the tasks whose
+ * name contains it.
  */
 import './debug-off.ts'
 import { fork } from 'node:child_process'
@@ -39,7 +41,7 @@ const iterations = Number(process.env.MMUSIM_BENCH_ITERATIONS ?? 8)
 const warmupIterations = Number(process.env.MMUSIM_BENCH_WARMUP ?? 6)
 const warmupTime = Number(process.env.MMUSIM_BENCH_WARMUP_MS ?? 1000)
 const only = process.env.MMUSIM_BENCH_ONLY
-const forks = Number(process.env.MMUSIM_BENCH_FORKS ?? 1)
+const forks = Number(process.env.MMUSIM_BENCH_FORKS ?? 3)
 /** In a child process: the one task to run. */
 const childTask = process.env.MMUSIM_BENCH_TASK
 
@@ -164,14 +166,15 @@ if (process.env.MMUSIM_BENCH_TASK !== undefined) {
   let results: TaskResult[]
   if (process.env.MMUSIM_BENCH_ISOLATE === '0') results = await runHere()
   else {
-    results = []
-    for (const t of bench.tasks) {
-      const forked: TaskResult[] = []
-      for (let f = 0; f < forks; f++) forked.push(await runForked(t.name))
-      results.push({ name: t.name, samplesMs: forked.flatMap((r) => r.samplesMs), outcome: forked[0]!.outcome })
+    // Round after round over all tasks, so that each task's processes are spread over the run.
+    const forked = bench.tasks.map((): TaskResult[] => [])
+    for (let f = 0; f < forks; f++) for (let i = 0; i < bench.tasks.length; i++) forked[i]!.push(await runForked(bench.tasks[i]!.name))
+    results = bench.tasks.map((t, i) => {
+      const rs = forked[i]!
       // Every process must simulate the same run: the simulation is deterministic.
-      for (const r of forked) if (JSON.stringify(r.outcome) !== JSON.stringify(forked[0]!.outcome)) throw new Error(`${t.name}: processes disagree on the simulated outcome`)
-    }
+      for (const r of rs) if (JSON.stringify(r.outcome) !== JSON.stringify(rs[0]!.outcome)) throw new Error(`${t.name}: processes disagree on the simulated outcome`)
+      return { name: t.name, samplesMs: rs.flatMap((r) => r.samplesMs), outcome: rs[0]!.outcome }
+    })
   }
   const rows = results.map(({ name, samplesMs, outcome: o }) => {
     const ms = median(samplesMs)
