@@ -113,6 +113,16 @@ export function* interpretShared(cpu: Cpu, c: SharedFuzzCase): Routine {
     yield* body()
     st.turn = k + 1
   }
+  /** A round of turns, one per vCPU in id order: this vCPU runs `body` in its own, unless it is the actor or away. */
+  function* observe(actor: number, body: () => Routine): Routine {
+    for (let o = 0; o < n; o++) {
+      if (o !== me) turn++
+      else
+        yield* inTurn(function* () {
+          if (o !== actor && !away) yield* body()
+        })
+    }
+  }
   const va = (r: FuzzRegion, page: number): number => r.base + (page % r.pages) * 4096
   function* comeBack(): Routine {
     yield* switchMm(cpu, shared.mm)
@@ -142,39 +152,25 @@ export function* interpretShared(cpu: Cpu, c: SharedFuzzCase): Routine {
     // Every vCPU computes the same targets from the same shared state before any turn of this step.
     const tg = targets(st, s)
     const exec = s.op === 'fetch' || (s.op === 'mprotect' && (s.prot & PROT_EXEC) !== 0)
-    for (let o = 0; o < n; o++) {
-      if (o !== me) {
-        turn++
-        continue
+    yield* observe(actor, function* () {
+      for (const t of tg) {
+        const r = st.regions[t.region]
+        if (r !== undefined) for (const p of t.pages) yield* cpu.read32(va(r, p))
       }
-      yield* inTurn(function* () {
-        if (o === actor || away) return
-        for (const t of tg) {
-          const r = st.regions[t.region]
-          if (r !== undefined) for (const p of t.pages) yield* cpu.read32(va(r, p))
-        }
-      })
-    }
+    })
     if (actor === me) yield* inTurn(() => act(i, s))
     else turn++
-    for (let o = 0; o < n; o++) {
-      if (o !== me) {
-        turn++
-        continue
-      }
-      yield* inTurn(function* () {
-        if (o === actor || away) return
-        for (const t of tg) {
-          const r = st.regions[t.region]
-          if (r === undefined) continue
-          for (const p of t.pages) {
-            yield* cpu.read32(va(r, p))
-            yield* cpu.write32(va(r, p), touchValue(i, me))
-            if (exec) yield* cpu.fetch32(va(r, p))
-          }
+    yield* observe(actor, function* () {
+      for (const t of tg) {
+        const r = st.regions[t.region]
+        if (r === undefined) continue
+        for (const p of t.pages) {
+          yield* cpu.read32(va(r, p))
+          yield* cpu.write32(va(r, p), touchValue(i, me))
+          if (exec) yield* cpu.fetch32(va(r, p))
         }
-      })
-    }
+      }
+    })
   }
   yield* os.barrier(cpu, 'fuzz-end')
   yield* switchMm(cpu, null)

@@ -15,6 +15,7 @@ import { KvmError } from './errors.ts'
 import type { MmuNotifierOps } from './mmu-notifier.ts'
 import type { KernelOp } from './sched/index.ts'
 import { TASK_SIZE_MAX } from './memslot.ts'
+import { RegionTables } from './pfn-map.ts'
 
 const PAGE = 4096
 const SIZE_2M = 0x200000
@@ -300,22 +301,9 @@ type HostSteps<R> = Generator<InvalidateCall, R, void>
  * region's mapped count in entry 512, found through a Map by region plus a one-region cache (a
  * populate walks one region at a time). A Map entry per 4K page was most of hva_to_pfn's cost.
  */
-class Pte4kTables {
-  private readonly tables = new Map<number, Int32Array>()
-  private lastRegion = -1
-  private lastTable: Int32Array | null = null
+class Pte4kTables extends RegionTables<Int32Array> {
   /** Mapped 4K pages in all regions. */
   size = 0
-
-  private table(region: number): Int32Array | undefined {
-    if (region === this.lastRegion) return this.lastTable!
-    const t = this.tables.get(region)
-    if (t !== undefined) {
-      this.lastRegion = region
-      this.lastTable = t
-    }
-    return t
-  }
 
   /** pfn mapped at vpn, or -1. */
   get(vpn: number): number {
@@ -331,9 +319,7 @@ class Pte4kTables {
     let t = this.table(region)
     if (t === undefined) {
       t = new Int32Array(513)
-      this.tables.set(region, t)
-      this.lastRegion = region
-      this.lastTable = t
+      this.addTable(region, t)
     }
     const i = vpn - region * 512
     if (t[i] === 0) {
@@ -354,13 +340,7 @@ class Pte4kTables {
     t[i] = 0
     this.size--
     t[512] = t[512]! - 1
-    if (t[512] === 0) {
-      this.tables.delete(region)
-      if (this.lastRegion === region) {
-        this.lastRegion = -1
-        this.lastTable = null
-      }
-    }
+    if (t[512] === 0) this.dropTable(region)
     return v - 1
   }
 
@@ -377,14 +357,14 @@ class Pte4kTables {
     const r0 = Math.floor(first / 512)
     const r1 = Math.floor((last - 1) / 512)
     const visit = (r: number): void => {
-      const t = this.tables.get(r)
+      const t = this.regions.get(r)
       if (t === undefined) return
       const lo = Math.max(first, r * 512)
       const hi = Math.min(last, r * 512 + 512)
       for (let vpn = lo; vpn < hi; vpn++) if (t[vpn - r * 512] !== 0) out.push(vpn)
     }
-    if (r1 - r0 + 1 <= this.tables.size) for (let r = r0; r <= r1; r++) visit(r)
-    else for (const r of [...this.tables.keys()].filter((x) => x >= r0 && x <= r1).sort((a, b) => a - b)) visit(r)
+    if (r1 - r0 + 1 <= this.regions.size) for (let r = r0; r <= r1; r++) visit(r)
+    else for (const r of [...this.regions.keys()].filter((x) => x >= r0 && x <= r1).sort((a, b) => a - b)) visit(r)
     return out
   }
 }

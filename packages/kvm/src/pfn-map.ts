@@ -1,20 +1,17 @@
 /**
- * A map from host page-frame numbers to objects, for what the kernel finds from a frame through
- * its `struct page` (an MMU page from the table address in an SPTE: `sptep_to_sp()`,
- * `spte_to_child_sp()`, `root_to_sp()`). Frames are grouped by 512 (a 2 MiB region) in small
- * arrays, with the last region used cached: page tables cluster in memory, so a lookup is usually
- * a division, a compare and an array load — far cheaper than hashing the number in a `Map` on the
- * MMUs' fault paths — and memory stays proportional to the regions in use.
+ * Tables of 512 entries, one per 2 MiB region of frame (or page) numbers, found through a `Map`
+ * by region with the last region used cached: lookups cluster, so one is usually a division, a
+ * compare and an array load instead of hashing the number. Memory stays proportional to the
+ * regions in use. The base of {@link PfnMap} and of the host's 4K page table.
  */
-export class PfnMap<T> {
-  private readonly regions = new Map<number, (T | undefined)[]>()
-  /** NaN: equal to no region (not even the -1 of a negative pfn). */
+export class RegionTables<A> {
+  protected readonly regions = new Map<number, A>()
+  /** NaN: equal to no region (not even the -1 of a negative number). */
   private lastRegion = Number.NaN
-  private lastTable: (T | undefined)[] | null = null
-  /** Entries in the map. */
-  size = 0
+  private lastTable: A | null = null
 
-  private table(region: number): (T | undefined)[] | undefined {
+  /** The table of `region`, if it has one. */
+  protected table(region: number): A | undefined {
     if (region === this.lastRegion) return this.lastTable!
     const t = this.regions.get(region)
     if (t !== undefined) {
@@ -23,6 +20,32 @@ export class PfnMap<T> {
     }
     return t
   }
+
+  /** Give `region` the table `t` (it has none). */
+  protected addTable(region: number, t: A): void {
+    this.regions.set(region, t)
+    this.lastRegion = region
+    this.lastTable = t
+  }
+
+  /** Drop `region`'s table. */
+  protected dropTable(region: number): void {
+    this.regions.delete(region)
+    if (this.lastRegion === region) {
+      this.lastRegion = Number.NaN
+      this.lastTable = null
+    }
+  }
+}
+
+/**
+ * A map from host page-frame numbers to objects, for what the kernel finds from a frame through
+ * its `struct page` (an MMU page from the table address in an SPTE: `sptep_to_sp()`,
+ * `spte_to_child_sp()`, `root_to_sp()`), far cheaper than a `Map` on the MMUs' fault paths.
+ */
+export class PfnMap<T> extends RegionTables<(T | undefined)[]> {
+  /** Entries in the map. */
+  size = 0
 
   /** The object of frame `pfn`, or undefined (also for a pfn that is not a non-negative integer). */
   get(pfn: number): T | undefined {
@@ -43,9 +66,7 @@ export class PfnMap<T> {
     let t = this.table(region)
     if (t === undefined) {
       t = new Array<T | undefined>(512).fill(undefined)
-      this.regions.set(region, t)
-      this.lastRegion = region
-      this.lastTable = t
+      this.addTable(region, t)
     }
     const i = pfn - region * 512
     if (t[i] === undefined) this.size++

@@ -67,8 +67,8 @@ describe('KVM statistics in a scripted scenario (shadow, prefetch off)', () => {
     vm.destroy()
   })
 
-  it('with unsync off, every write to a shadowed PT is emulated and zaps the one SPTE', () => {
-    const { vm } = makeVm(shadowStrategy, { prefetch: false, unsync: false })
+  it('with unsync off, every write to a shadowed PT is emulated (mmu_set_spte refuses it: RET_PF_WRITE_PROTECTED) and zaps the one SPTE', () => {
+    const { vm, mmu } = makeVm(shadowStrategy, { prefetch: false, unsync: false })
     linkUserPt(vm, 0, 0, 0)
     for (let j = 0; j < 4; j++) mapUser(vm, 0, j, j)
     fillFrame(vm, 3, 33)
@@ -83,6 +83,8 @@ describe('KVM statistics in a scripted scenario (shadow, prefetch off)', () => {
     expect(vm.stats.mmu_unsync).toBe(0)
     expect(vm.stats.mmu_pte_write).toBe(3)
     expect(vm.stats.mmu_flooded).toBe(0) // level-1 pages never count as flooded
+    expect(mmu.counters.writeProtectedFaults).toBe(3)
+    expect(mmu.audit()).toEqual([])
     vm.destroy()
   })
 })

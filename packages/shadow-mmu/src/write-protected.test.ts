@@ -12,7 +12,7 @@ import { gfnToHvaMemslot, KVM_MEM_READONLY, type PageFault, RET_PF_EMULATE, Vm }
 import { EXIT_PF, type GuestProgram, PFERR_P, PFERR_W } from '@mmusim/x86-hw'
 import { legacyTdpStrategy, shadowStrategy } from './index.ts'
 import { kvmRipRead, type ShadowMmu, shadowMmuOf } from './shadow-mmu.ts'
-import { A, D, fillFrame, type GuestPhys, L, linkUserPt, loadKernelTables, mapUser, P, poke, RW, runScript, runScriptOnReference, Script, US } from './testing/script-guest.ts'
+import { A, D, type GuestPhys, L, linkUserPt, loadKernelTables, mapUser, P, poke, RW, runScript, runScriptOnReference, Script, US } from './testing/script-guest.ts'
 
 const MiB = 1 << 20
 
@@ -72,27 +72,6 @@ describe('RET_PF_WRITE_PROTECTED: pf_fixed / pf_emulate / mmu_unsync as shadow-m
     ])
   })
 
-  it('unsync off: mmu_set_spte() refuses the write (wrprot) → RET_PF_WRITE_PROTECTED → emulated, 3 of 3', () => {
-    const { vm, mmu } = makeVm({ unsync: false })
-    linkUserPt(vm, 0, 0, 0)
-    for (let j = 0; j < 4; j++) mapUser(vm, 0, j, j)
-    fillFrame(vm, 3, 33)
-    let v = 0
-    runScript(vm, function* (g) {
-      yield* g.userRead(L.va(0, 0, 0))
-      for (let j = 1; j < 4; j++) yield* g.write64(L.pt(0) + j * 8, L.frame(3) | P | RW | US | A | D)
-      v = yield* g.userRead(L.va(0, 0, 2))
-    })
-    expect(v).toBe(33)
-    expect(vm.vcpus[0]!.stats.pf_emulate).toBe(3)
-    expect(mmu.counters.writeProtectedFaults).toBe(3)
-    expect(vm.stats.mmu_unsync).toBe(0)
-    expect(mmu.audit()).toEqual([])
-    vm.destroy()
-  })
-})
-
-describe('kvm_mmu_write_protect_fault() and kvm_mmu_unprotect_gfn_and_retry()', () => {
   it('unprotect zaps the shadow pages of the written gfn and arms the loop guard; the same RIP+address then emulates', () => {
     const { vm, mmu } = makeVm({})
     linkUserPt(vm, 0, 0, 0)
