@@ -37,11 +37,19 @@ import { setUpPopulate } from '../src/testing/populate-guest.ts'
 tuneV8ForSimulation()
 
 const MEM = 96 << 20
-const iterations = Number(process.env.MMUSIM_BENCH_ITERATIONS ?? 8)
-const warmupIterations = Number(process.env.MMUSIM_BENCH_WARMUP ?? 6)
-const warmupTime = Number(process.env.MMUSIM_BENCH_WARMUP_MS ?? 1000)
+/** A non-negative integer setting from the environment (`min` at least), or `fallback` when unset. */
+function envInt(name: string, fallback: number, min: number): number {
+  const raw = process.env[name]
+  if (raw === undefined || raw === '') return fallback
+  const v = Number(raw)
+  if (!Number.isInteger(v) || v < min) throw new Error(`${name} must be an integer ≥ ${String(min)}, got "${raw}"; unset it for the default ${String(fallback)}.`)
+  return v
+}
+const iterations = envInt('MMUSIM_BENCH_ITERATIONS', 8, 1)
+const warmupIterations = envInt('MMUSIM_BENCH_WARMUP', 6, 0)
+const warmupTime = envInt('MMUSIM_BENCH_WARMUP_MS', 1000, 0)
 const only = process.env.MMUSIM_BENCH_ONLY
-const forks = Number(process.env.MMUSIM_BENCH_FORKS ?? 3)
+const forks = envInt('MMUSIM_BENCH_FORKS', 3, 1)
 /** In a child process: the one task to run. */
 const childTask = process.env.MMUSIM_BENCH_TASK
 
@@ -158,7 +166,11 @@ function median(xs: number[]): number {
   return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
 }
 
-if (process.env.MMUSIM_BENCH_TASK !== undefined) {
+if (childTask !== undefined && (process.send === undefined || bench.tasks.length !== 1)) {
+  throw new Error(`MMUSIM_BENCH_TASK is set by this benchmark for its child processes; unset it (got "${childTask}").`)
+}
+if (bench.tasks.length === 0) throw new Error(`MMUSIM_BENCH_ONLY="${only ?? ''}" matches no task; task names look like "populate 64 MiB/vCPU | shadow | 1 vCPU".`)
+if (childTask !== undefined) {
   // A child: run the one task registered above and hand its figures to the parent.
   const [r] = await runHere()
   process.send!(r)
